@@ -1,0 +1,302 @@
+"""BWTA modules: quantizers with learnable scales, ``BWTALinear`` and the BWTA attention core.
+
+Every module computes its MatMul on integer codes in fp32 (exact) and applies the scales after
+it, so the eager model is the oracle the compiled kernels must match bit for bit, and autograd
+through the code ops gives the straight-through / LSQ gradients used for training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+
+class _ScaleQuantizer(nn.Module):
+    """Shared state of the activation quantizers: a learnable per-tensor step size ``scale``,
+    LSQ-initialised from the first batch it sees (or from :meth:`init_from`)."""
+
+    kind = "ternary"
+
+    def __init__(self, levels: int = 1) -> None:
+        super().__init__()
+        ops.check_levels(levels, type(self).__name__)
+        self.levels = levels
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._init_done = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_done = bool(self.initialized)
+
+    def init_from(self, x: Tensor) -> None:
+        """LSQ initialisation ``2 * mean|x| / sqrt(Qp)`` from a calibration tensor."""
+        with torch.no_grad():
+            self.scale.copy_(self._init_value(x))
+            self.initialized.fill_(True)
+        self._init_done = True
+
+    def _init_value(self, x: Tensor) -> Tensor:
+        return ops.lsq_init(x, self.levels)
+
+    def _maybe_init(self, x: Tensor) -> None:
+        # Data-dependent initialisation only runs eagerly; a compiled model uses the stored scale.
+        if not self._init_done and not torch.compiler.is_compiling():
+            self.init_from(x)
+
+    def step_size(self, x: Tensor) -> Tensor:
+        """The scale with the LSQ gradient factor ``1/sqrt(numel * Qp)`` applied to its gradient."""
+        self._maybe_init(x)
+        return ops.grad_scale(self.scale, ops.lsq_grad_scale(x.numel(), self.levels))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+
+class TernaryQuantizer(_ScaleQuantizer):
+    """Signed activations -> {-m..m} codes (m = levels; m = 1 is ternary)."""
+
+    kind = "ternary"
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.step_size(x)
+        return ops.ternary_code(x, s, self.levels), s
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, s = self.codes(x)
+        return c * s.to(x.dtype)
+
+
+class BoolQuantizer(_ScaleQuantizer):
+    """Non-negative activations (probabilities, ReLU outputs) -> {0..m} codes with offset ``b``."""
+
+    kind = "bool"
+
+    def __init__(self, levels: int = 1) -> None:
+        super().__init__(levels)
+        self.offset = nn.Parameter(torch.tensor(0.0))
+
+    def _init_value(self, x: Tensor) -> Tensor:
+        # Asymmetric LSQ/BiT default for {0..m}: 4 * mean|x| / sqrt(Qp).
+        return (4 * x.detach().float().abs().mean() / math.sqrt(self.levels)).clamp_min(1e-8)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.step_size(x)
+        return ops.bool_code(x, s, self.offset, self.levels), s
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, s = self.codes(x)
+        return c * s.to(x.dtype)
+
+
+class BinaryActQuantizer(_ScaleQuantizer):
+    """Plain binarized activations ``s * sign(x)`` (the zero-point-distortion baseline the paper
+    compares against): codes {-1,+1}, 0 -> +1."""
+
+    kind = "binary"
+
+    def __init__(self, levels: int = 1) -> None:
+        super().__init__(1)
+
+    def _init_value(self, x: Tensor) -> Tensor:
+        return x.detach().float().abs().mean().clamp_min(1e-8)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.step_size(x)
+        return ops.sign_code(x, s), s
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, s = self.codes(x)
+        return c * s.to(x.dtype)
+
+
+ACT_QUANTIZERS = {"ternary": TernaryQuantizer, "bool": BoolQuantizer, "binary": BinaryActQuantizer}
+
+
+def make_act_quantizer(kind: str, levels: int = 1) -> _ScaleQuantizer:
+    if kind not in ACT_QUANTIZERS:
+        raise ValueError(f"unknown activation quantizer {kind!r}; expected one of {sorted(ACT_QUANTIZERS)}")
+    return ACT_QUANTIZERS[kind](levels)
+
+
+class BWTALinear(nn.Module):
+    """A linear layer with binary weights (per-output-channel scale) and quantized activations.
+
+    ``y = float(codes(x) @ sign(W - mean)^T) * (alpha * s) + bias``, computed in fp32 and cast
+    back to the input dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "ternary",
+                 levels: int = 1, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.act = make_act_quantizer(act, levels)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, act: str = "ternary", levels: int = 1) -> "BWTALinear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, levels,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"BWTALinear: input has K={x.shape[-1]} (shape {tuple(x.shape)}), "
+                             f"weight expects K={self.in_features} (weight {tuple(self.weight.shape)})")
+        cx, s = self.act.codes(x)
+        cw, alpha = ops.binary_code(self.weight)
+        acc = F.linear(cx.float(), cw.float())
+        y = acc * (alpha * s.float())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _causal_keep(t: int, s: int, device: torch.device) -> Tensor:
+    # Query i (of the last t positions) sees keys j <= i + (s - t): also right for a KV cache.
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def apply_attention_mask(scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """Add a float mask or apply a bool keep-mask (True = attend), then the causal mask."""
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    if is_causal:
+        keep = _causal_keep(scores.shape[-2], scores.shape[-1], scores.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv*n_rep, S, D] (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=-3)
+
+
+class AttentionCore(nn.Module):
+    """Float scaled-dot-product attention on ``[B, H, T, D]`` tensors (the example models use it;
+    :func:`bwta_compiler.quantize` swaps it for :class:`BWTAAttention`)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        if is_causal and attn_mask is None and q.shape[-2] != k.shape[-2]:
+            attn_mask, is_causal = _causal_keep(q.shape[-2], k.shape[-2], q.device), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+class BWTAAttention(nn.Module):
+    """BWTA attention core: ternary Q, K, V; softmax in fp32; bool probabilities.
+
+    ``scores = float(codes(q) @ codes(k)^T) * (s_q * s_k * scale) (+ mask)``,
+    ``P = softmax(scores)``, ``out = float(bool(P) @ codes(v)) * (s_p * s_v)``.
+    Grouped-query attention (fewer K/V heads) and KV-cache decoding (query shorter than keys)
+    are handled; masks are additive floats or bool keep-masks.
+    """
+
+    def __init__(self, levels: int = 1) -> None:
+        super().__init__()
+        self.q_quant = TernaryQuantizer(levels)
+        self.k_quant = TernaryQuantizer(levels)
+        self.v_quant = TernaryQuantizer(levels)
+        self.p_quant = BoolQuantizer(levels)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+        if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[-3] % k.shape[-3]:
+            raise ValueError(f"BWTAAttention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)} (need equal head dims, equal key lengths, heads divisible)")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        cq, sq = self.q_quant.codes(q)
+        ck, sk = self.k_quant.codes(k)
+        cv, sv = self.v_quant.codes(v)
+        rep = q.shape[-3] // k.shape[-3]
+        ck, cv = repeat_kv(ck, rep), repeat_kv(cv, rep)
+        acc = torch.matmul(cq.float(), ck.float().transpose(-1, -2))
+        scores = acc * (sq.float() * sk.float() * scale)
+        scores = apply_attention_mask(scores, attn_mask, is_causal)
+        probs = torch.softmax(scores, dim=-1)
+        cp, sp = self.p_quant.codes(probs)
+        out = torch.matmul(cp, cv.float()) * (sp.float() * sv.float())
+        return out.to(q.dtype)
+
+
+class BWTAMultiheadAttention(nn.Module):
+    """Drop-in replacement of ``nn.MultiheadAttention`` (same constructor semantics, same call
+    signature) with BWTA Q/K/V/out projections and a :class:`BWTAAttention` core."""
+
+    def __init__(self, mha: nn.MultiheadAttention, act: str = "ternary") -> None:
+        super().__init__()
+        e, h = mha.embed_dim, mha.num_heads
+        self.embed_dim, self.num_heads, self.batch_first = e, h, mha.batch_first
+        self.kdim, self.vdim = mha.kdim, mha.vdim
+        bias = mha.in_proj_bias is not None
+        projs = []
+        for i, (name, dim) in enumerate((("q", e), ("k", mha.kdim), ("v", mha.vdim))):
+            lin = nn.Linear(dim, e, bias=bias, device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+            with torch.no_grad():
+                w = mha.in_proj_weight[i * e:(i + 1) * e] if mha._qkv_same_embed_dim else getattr(mha, f"{name}_proj_weight")
+                lin.weight.copy_(w)
+                if bias:
+                    lin.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+            projs.append(BWTALinear.from_linear(lin, act))
+        self.q_proj, self.k_proj, self.v_proj = projs
+        self.out_proj = BWTALinear.from_linear(mha.out_proj, act)
+        self.core = BWTAAttention()
+        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
+            raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v, add_zero_attn and dropout are not supported")
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, t, _ = query.shape
+        s = key.shape[1]
+        h, d = self.num_heads, self.embed_dim // self.num_heads
+        q = self.q_proj(query).view(b, t, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(b, s, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(b, s, h, d).transpose(1, 2)
+        mask = _merge_mha_masks(attn_mask, key_padding_mask, b, h, t, s, query.dtype)
+        ctx = self.core(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        out = self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _merge_mha_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b: int, h: int, t: int,
+                     s: int, dtype: torch.dtype) -> Optional[Tensor]:
+    # nn.MultiheadAttention masks mean True = *ignore*; convert to an additive float mask.
+    def to_additive(m: Tensor) -> Tensor:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf")) \
+            if m.dtype == torch.bool else m.float()
+
+    mask = None
+    if attn_mask is not None:
+        am = to_additive(attn_mask)
+        mask = am.view(b, h, t, s) if am.dim() == 3 else am.view(1, 1, t, s)
+    if key_padding_mask is not None:
+        kp = to_additive(key_padding_mask).view(b, 1, 1, s)
+        mask = kp if mask is None else mask + kp
+    return mask

@@ -1,0 +1,243 @@
+"""``bwta_compiler.quantize``: swap a model's linear layers and attention for BWTA ones.
+
+What is rewritten:
+
+* ``nn.Linear`` -> :class:`BWTALinear` (unless a name pattern keeps it float; by default
+  embeddings, the LM head, classifier/pooler heads stay float);
+* :class:`AttentionCore` (the example models) -> :class:`BWTAAttention`;
+* ``nn.MultiheadAttention`` -> :class:`BWTAMultiheadAttention`;
+* Hugging Face transformers attention (``BertSelfAttention``, ``LlamaAttention``, ...): the model's
+  attention implementation is switched to a registered ``"bwta"`` function that runs a
+  per-module :class:`BWTAAttention`;
+* modules whose ``forward`` calls ``F.scaled_dot_product_attention``: each such call is routed
+  to a per-module :class:`BWTAAttention`.
+
+What cannot be rewritten stays float and is listed in the returned model's ``bwta_report``.
+The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import AttentionCore, BWTAAttention, BWTALinear, BWTAMultiheadAttention
+
+Choice = Literal["bwta", "float"]
+
+DEFAULT_FLOAT_PATTERNS = (
+    r"(^|\.)(lm_head|classifier|pooler|score|qa_outputs|cls|head|embed\w*)(\.|$)",
+)
+
+
+@dataclass
+class QuantConfig:
+    """Per-layer choice of BWTA vs float.
+
+    ``rules`` are (regex, choice) pairs matched against the module's qualified name in order;
+    the first match wins.  Names matching none of them use ``default``.  The default rules keep
+    embeddings, the LM head and classifier/pooler heads float.
+    """
+
+    rules: list[tuple[str, Choice]] = field(default_factory=lambda: [(p, "float") for p in DEFAULT_FLOAT_PATTERNS])
+    default: Choice = "bwta"
+    # Activation quantizer of linear layers: "ternary" (BWTA), "bool" or "binary" (baseline).
+    act: str = "ternary"
+    # Quantization levels m of the activation quantizers (2m+1 levels; SMQ starts high).
+    levels: int = 1
+    # Quantize the attention MatMuls (Q·Kᵀ ternary x ternary, P·V bool x ternary).
+    attention: bool = True
+
+    def choice(self, name: str) -> Choice:
+        for pattern, choice in self.rules:
+            if re.search(pattern, name):
+                return choice
+        return self.default
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    name: str
+    kind: str          # "linear" | "attention"
+    choice: str        # "bwta" | "float"
+    reason: str = ""
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, config: Optional[QuantConfig] = None) -> nn.Module:
+    """Return a copy of ``model`` with BWTA linear layers and attention (see module docstring)."""
+    config = config or QuantConfig()
+    model = copy.deepcopy(model)
+    report: list[ReportEntry] = []
+    for name, mod in list(model.named_modules()):
+        if not name:
+            continue
+        choice = config.choice(name)
+        if isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            if choice == "bwta":
+                _set_module(model, name, BWTALinear.from_linear(mod, config.act, config.levels))
+            report.append(ReportEntry(name, "linear", choice, "" if choice == "bwta" else "kept float by rule"))
+        elif isinstance(mod, AttentionCore):
+            if choice == "bwta" and config.attention:
+                _set_module(model, name, BWTAAttention(config.levels).to(_device_of(model)))
+            report.append(ReportEntry(name, "attention", choice if config.attention else "float"))
+        elif isinstance(mod, nn.MultiheadAttention):
+            entry = _swap_mha(model, name, mod, choice, config)
+            report.append(entry)
+    report.extend(_patch_hf_attention(model, config))
+    report.extend(_patch_sdpa_callers(model, config))
+    model.bwta_report = report
+    return model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _swap_mha(model: nn.Module, name: str, mod: nn.MultiheadAttention, choice: Choice, config: QuantConfig) -> ReportEntry:
+    if choice != "bwta":
+        return ReportEntry(name, "attention", "float", "kept float by rule")
+    try:
+        new = BWTAMultiheadAttention(mod, config.act)
+    except NotImplementedError as e:
+        return ReportEntry(name, "attention", "float", str(e))
+    _set_module(model, name, new)
+    return ReportEntry(name, "attention", "bwta")
+
+
+# ---- Hugging Face transformers ---------------------------------------------------------------
+
+
+def _bwta_hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface function: [B, H, T, D] in, [B, T, H, D] out."""
+    core: BWTAAttention = module.bwta_core
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, : key.shape[-2]]
+    is_causal = mask is None and getattr(module, "is_causal", False) and query.shape[-2] > 1
+    out = core(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=1)
+def _register_hf_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    except Exception:  # transformers missing or too old: nothing to patch
+        return False
+    AttentionInterface.register("bwta", _bwta_hf_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("bwta", eager_mask)
+    return True
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "_attn_implementation") and hasattr(model, "set_attn_implementation")
+
+
+def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:
+    if not _is_hf_model(model):
+        return []
+    entries = []
+    attn_modules = [(n, m) for n, m in model.named_modules()
+                    if type(m).__name__.endswith(("SelfAttention", "Attention")) and hasattr(m, "config")
+                    and not any(isinstance(c, nn.Module) and type(c).__name__.endswith("SelfAttention") for c in m.children())]
+    if not attn_modules:
+        return []
+    if not config.attention or not _register_hf_attention():
+        return [ReportEntry(n, "attention", "float", "attention quantization off or transformers too old")
+                for n, _ in attn_modules]
+    for name, mod in attn_modules:
+        if config.choice(name) == "bwta":
+            mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
+            entries.append(ReportEntry(name, "attention", "bwta"))
+        else:
+            entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
+    if any(e.choice == "bwta" for e in entries):
+        model.set_attn_implementation("bwta")
+        for name, mod in attn_modules:
+            if not hasattr(mod, "bwta_core"):
+                # Kept-float layers run the same function with a float core.
+                mod.bwta_core = _FloatCore()
+    return entries
+
+
+class _FloatCore(AttentionCore):
+    """Float attention behind the bwta attention interface, for layers a rule kept float."""
+
+
+# ---- plain modules that call F.scaled_dot_product_attention ----------------------------------
+
+
+def _calls_sdpa(mod: nn.Module) -> bool:
+    fwd = type(mod).forward
+    if fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention)):
+        return False
+    try:
+        src = inspect.getsource(fwd)
+    except (OSError, TypeError):
+        return False
+    return "scaled_dot_product_attention" in src
+
+
+class _SDPARedirect(torch.overrides.TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention calls made inside one module to its BWTA core."""
+
+    def __init__(self, core: BWTAAttention) -> None:
+        super().__init__()
+        self.core = core
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.core(*_sdpa_args(*args, **kwargs))
+        return func(*args, **kwargs)
+
+
+def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return query, key, value, attn_mask, is_causal, scale
+
+
+def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:
+    if _is_hf_model(model):
+        return []
+    entries = []
+    for name, mod in list(model.named_modules()):
+        if not name or not _calls_sdpa(mod):
+            continue
+        if not config.attention or config.choice(name) != "bwta":
+            entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
+            continue
+        mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
+        original = mod.forward
+
+        def forward(*args, __orig=original, __mod=mod, **kwargs):
+            with _SDPARedirect(__mod.bwta_core):
+                return __orig(*args, **kwargs)
+
+        mod.forward = forward
+        entries.append(ReportEntry(name, "attention", "bwta", "F.scaled_dot_product_attention redirected"))
+    return entries
+
+
+def report_lines(model: nn.Module) -> list[str]:
+    """Human-readable summary of what :func:`quantize` did."""
+    entries: list[ReportEntry] = getattr(model, "bwta_report", [])
+    n_bwta = sum(e.choice == "bwta" for e in entries)
+    lines = [f"{n_bwta} of {len(entries)} linear/attention operators quantized to BWTA"]
+    lines += [f"  float: {e.name} ({e.kind}) {e.reason}" for e in entries if e.choice != "bwta"]
+    return lines
