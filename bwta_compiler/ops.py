@@ -247,7 +247,11 @@ def _(x: Tensor, g: float) -> Tensor:
     return torch.empty_like(x)
 
 
-grad_scale.register_autograd(lambda ctx, grad: (grad * ctx.g, None), setup_context=lambda ctx, i, o: setattr(ctx, "g", i[1]))
+def _grad_scale_setup(ctx, inputs, output) -> None:
+    ctx.g = inputs[1]
+
+
+grad_scale.register_autograd(lambda ctx, grad: (grad * ctx.g, None), setup_context=_grad_scale_setup)
 
 
 # ---- fake-quantizers (the paper's formulas, composed from the code ops) ----------------------

@@ -217,7 +217,7 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         return []
     entries = []
     for name, mod in list(model.named_modules()):
-        if not name or not _calls_sdpa(mod):
+        if not _calls_sdpa(mod):
             continue
         if not config.attention or config.choice(name) != "bwta":
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
@@ -230,7 +230,7 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
                 return __orig(*args, **kwargs)
 
         mod.forward = forward
-        entries.append(ReportEntry(name, "attention", "bwta", "F.scaled_dot_product_attention redirected"))
+        entries.append(ReportEntry(name or "<root>", "attention", "bwta", "F.scaled_dot_product_attention redirected"))
     return entries
 
 

@@ -1,0 +1,164 @@
+"""quantize(): which layers become BWTA, that the input is untouched, and that results follow the
+BWTA arithmetic on the example models, plain SDPA/matmul modules, nn.MultiheadAttention and HF models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bwta_compiler as bc
+from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+
+
+def _count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def test_encoder_swaps_and_leaves_input_untouched():
+    m = Encoder(EncoderConfig.tiny(num_labels=3)).eval()
+    before = copy.deepcopy(m.state_dict())
+    q = bc.quantize(m)
+    assert _count(q, bc.BWTALinear) == 2 * 6          # q, k, v, out, fc1, fc2 per layer
+    assert _count(q, bc.BWTAAttention) == 2
+    assert isinstance(q.classifier, nn.Linear) and not isinstance(q.classifier, bc.BWTALinear)
+    assert _count(m, bc.BWTALinear) == 0
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        assert q(ids, torch.ones(2, 9)).shape == (2, 3)
+
+
+def test_rules_keep_layers_float():
+    m = Encoder(EncoderConfig.tiny())
+    cfg = bc.QuantConfig(rules=[(r"layers\.0\.", "float")] + bc.QuantConfig().rules)
+    q = bc.quantize(m, cfg)
+    assert not isinstance(q.layers[0].fc1, bc.BWTALinear) and isinstance(q.layers[1].fc1, bc.BWTALinear)
+    assert any("layers.0.fc1" in line for line in bc.report_lines(q))
+
+
+def test_decoder_kv_cache_decoding_matches_full_pass():
+    torch.manual_seed(0)
+    d = bc.quantize(Decoder(DecoderConfig.tiny())).eval()
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        d(ids)                       # initialise quantizer scales from a batch
+        full, _ = d(ids)
+        _, cache = d(ids[:, :6])
+        step, _ = d(ids[:, 6:], cache)
+    assert torch.allclose(step[:, 0], full[:, 6], atol=1e-5, rtol=1e-5)
+
+
+def _reference_attention(core, q, k, v, mask=None, causal=False):
+    """Independent formula of the BWTA attention core (codes, scales, fp32 softmax, bool P)."""
+    bw = torch.ops.bwta
+    cq = bw.ternary_code(q, core.q_quant.scale.detach(), 1)
+    ck = bw.ternary_code(k, core.k_quant.scale.detach(), 1)
+    cv = bw.ternary_code(v, core.v_quant.scale.detach(), 1)
+    sc = cq @ ck.transpose(-1, -2) * (core.q_quant.scale * core.k_quant.scale / q.shape[-1] ** 0.5)
+    if mask is not None:
+        sc = sc + mask
+    if causal:
+        sc = sc.masked_fill(~torch.ones(sc.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    p = bw.bool_code(torch.softmax(sc, -1), core.p_quant.scale.detach(), core.p_quant.offset.detach(), 1)
+    return (p @ cv) * (core.p_quant.scale * core.v_quant.scale)
+
+
+class SDPABlock(nn.Module):
+    """A plain user module that calls F.scaled_dot_product_attention itself."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)       # fused QKV
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_sdpa_caller_is_redirected_to_bwta_core():
+    blk = SDPABlock().eval()
+    q = bc.quantize(blk)
+    assert isinstance(q.qkv, bc.BWTALinear) and isinstance(q.bwta_core, bc.BWTAAttention)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        q(x)
+        got = q(x)
+        b, t, d = x.shape
+        qq, kk, vv = q.qkv(x).view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        ctx = _reference_attention(q.bwta_core, qq, kk, vv, causal=True)
+        expect = q.proj(ctx.transpose(1, 2).reshape(b, t, d))
+    torch.testing.assert_close(got, expect)
+
+
+def test_multihead_attention_swapped():
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    q = bc.quantize(nn.Sequential(mha))
+    assert isinstance(q[0], bc.BWTAMultiheadAttention)
+    x = torch.randn(2, 6, 32)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        q[0](x, x, x, key_padding_mask=pad)
+        out, _ = q[0](x, x, x, key_padding_mask=pad)
+        ref, _ = mha(x, x, x, key_padding_mask=pad)
+    assert out.shape == ref.shape
+    assert (out - ref).norm() / ref.norm() < 1.0   # quantized, but close to the float layer
+
+
+def test_hf_bert_and_llama():
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
+    qb = bc.quantize(bert)
+    assert _count(qb, bc.BWTALinear) == 2 * 6 and _count(qb, bc.BWTAAttention) == 2
+    assert isinstance(qb.pooler.dense, nn.Linear) and not isinstance(qb.pooler.dense, bc.BWTALinear)
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        h = qb(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(h).all()
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64)).eval()
+    ql = bc.quantize(llama)
+    assert _count(ql, bc.BWTALinear) == 2 * 7 and _count(ql, bc.BWTAAttention) == 2
+    assert not isinstance(ql.lm_head, bc.BWTALinear)
+    with torch.no_grad():
+        ql(input_ids=ids)
+        full = ql(input_ids=ids).logits
+        out = ql(input_ids=ids[:, :7], use_cache=True)
+        step = ql(input_ids=ids[:, 7:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[:, 0], full[:, 7], atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_model_trains():
+    torch.manual_seed(0)
+    cfg = EncoderConfig.tiny(num_labels=2, layers=1, vocab_size=50)
+    model = bc.quantize(Encoder(cfg)).train()
+    ids = torch.randint(0, 50, (32, 8))
+    labels = (ids[:, 1] < 25).long()        # a learnable synthetic rule
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = F.cross_entropy(model(ids), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    # the quantizer scales themselves received gradients
+    assert model.layers[0].fc1.act.scale.grad is not None
+
+
+def test_linear_input_checks():
+    lin = bc.BWTALinear(16, 4)
+    with pytest.raises(ValueError, match=r"input has K=8 .*weight expects K=16"):
+        lin(torch.randn(2, 8))
