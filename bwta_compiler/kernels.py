@@ -52,6 +52,8 @@ class GemmParams:
     tile_n: int = 4
     isa: str = "portable"         # CPU: avx512 | avx2 | portable; CUDA: sm_80 | sm_90 ...
     impl: str = "popc"            # CUDA: "mma" (binary tensor cores) | "popc" (CUDA cores)
+    op: str = "linear"            # fused op the kernel serves: "linear" (bwta::linear) | "qbmm" (bwta::qbmm)
+    block_n: int = 0              # CPU: B rows per cache block (a block's packed rows stay in L2); 0 = all
     warps_m: int = 1              # CUDA: warps along M (tokens) per block
     warps_n: int = 4              # CUDA: warps along N (rows / keys) per block
 
