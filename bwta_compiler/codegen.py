@@ -23,7 +23,9 @@ _ALLOWED_TYPES = (bool, int, float, str, type(None))
 @functools.lru_cache(maxsize=None)
 def environment(target: str) -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("bwta_compiler", f"templates/{target}"),
+        # The templates package is mapped from the repo root (package-dir), so load it by its own
+        # package name: "bwta_compiler" has no templates/ directory in an editable install.
+        loader=jinja2.PackageLoader("bwta_compiler.templates", target),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
