@@ -1,0 +1,800 @@
+"""Converters: one function per ONNX op type, registered with :func:`register`.
+
+A converter ``fn(ctx, inputs, attrs, node)`` receives the input values (``fx.Node``, ``Const``,
+``Sym`` or ``None`` for an omitted optional input) and the decoded attributes, and returns the
+output value(s).  ``ctx.call`` folds an op whose inputs are all known at import time; ops on
+``Sym`` shape data are evaluated on Python ints / symbolic sizes so shape arithmetic never becomes
+tensors.  The run-time helpers below (``onnx_*``) implement ONNX semantics that need a tensor's
+rank or sizes (negative axes, Slice clamping, bidirectional Expand); Dynamo traces through them.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import OnnxImportError
+from . import schemas
+from .importer import ONNX_TO_TORCH, Const, Ctx, Sym
+
+
+@dataclass(frozen=True)
+class Converter:
+    fn: Callable
+    fold: bool = True                   # fold when every input is known at import time
+    rank: Optional[Callable] = None     # rank of the output when shape inference did not give it
+
+
+CONVERTERS: dict[tuple[str, str], Converter] = {}
+
+
+def register(*op_types: str, domain: str = "", fold: bool = True, rank: Optional[Callable] = None):
+    """Register a converter for ``op_types`` of ``domain``; every name must be an op the domain defines."""
+    def deco(fn: Callable) -> Callable:
+        for op_type in op_types:
+            if domain == "":
+                if not onnx.defs.has(op_type):
+                    raise ValueError(f"register({op_type!r}): not an ONNX operator (typo?)")
+            elif domain == schemas.DOMAIN:
+                if op_type not in schemas.OP_TYPES:
+                    raise ValueError(f"register({op_type!r}): not an {schemas.DOMAIN} operator; known: {schemas.OP_TYPES}")
+            else:
+                raise ValueError(f"register: unknown domain {domain!r}")
+            if (domain, op_type) in CONVERTERS:
+                raise ValueError(f"register: {domain or 'ai.onnx'}.{op_type} already has a converter")
+            CONVERTERS[(domain, op_type)] = Converter(fn, fold, rank)
+        return fn
+    return deco
+
+
+def _max_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+    ranks = [ctx.rank(v) for v in inputs if v is not None]
+    return None if not ranks or any(r is None for r in ranks) else max(ranks)
+
+
+def _same_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+    return ctx.rank(inputs[0])
+
+
+# ---- run-time helpers (ONNX semantics in torch; traced by Dynamo) -------------------------------
+
+
+def onnx_reshape(x: Tensor, shape: list, allowzero: bool) -> Tensor:
+    if not allowzero:
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def onnx_unsqueeze(x: Tensor, axes: list) -> Tensor:
+    r = x.dim() + len(axes)
+    for a in sorted(a % r for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def onnx_squeeze(x: Tensor, axes: Optional[list]) -> Tensor:
+    if axes is None:
+        return x.squeeze()
+    return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x
+
+
+def onnx_slice(x: Tensor, starts: list, ends: list, axes: list, steps: list) -> Tensor:
+    idx: list[Any] = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = a % x.dim()
+        if st > 0:
+            idx[a] = slice(s, e, st)
+            continue
+        dim = x.shape[a]
+        s = s + dim if s < 0 else s
+        s = max(0, min(s, dim - 1))
+        e = e + dim if e < 0 else e
+        e = max(-1, min(e, dim - 1))
+        x = x.index_select(a, torch.arange(s, e, st, device=x.device))
+    return x[tuple(idx)]
+
+
+def onnx_gather(x: Tensor, idx: Tensor, axis: int) -> Tensor:
+    axis = axis % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = torch.index_select(x, axis, idx.reshape(-1))
+    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+def onnx_embedding(weight: Tensor, idx: Tensor) -> Tensor:
+    idx = torch.where(idx < 0, idx + weight.shape[0], idx)
+    return F.embedding(idx, weight)
+
+
+def onnx_expand(x: Tensor, shape: list) -> Tensor:
+    return x.expand(torch.broadcast_shapes(x.shape, tuple(shape)))
+
+
+def onnx_layer_norm(x: Tensor, scale: Tensor, bias: Optional[Tensor], axis: int, eps: float) -> Tensor:
+    axis = axis % x.dim()
+    shape = tuple(x.shape[axis:])
+    if tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape):
+        return F.layer_norm(x, shape, scale, bias, eps)
+    y = F.layer_norm(x, shape, None, None, eps) * scale
+    return y + bias if bias is not None else y
+
+
+def onnx_layer_norm_stats(x: Tensor, axis: int, eps: float) -> tuple[Tensor, Tensor]:
+    axis = axis % x.dim()
+    dims = tuple(range(axis, x.dim()))
+    xf = x.float()
+    mean = xf.mean(dims, keepdim=True)
+    var = (xf - mean).pow(2).mean(dims, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def onnx_one_hot(idx: Tensor, depth: Any, values: Tensor, axis: int) -> Tensor:
+    depth = int(depth)
+    idx = torch.where(idx < 0, idx + depth, idx)
+    hot = idx.unsqueeze(-1) == torch.arange(depth, device=idx.device, dtype=idx.dtype)
+    out = torch.where(hot, values[1], values[0])
+    return out.movedim(-1, axis % out.dim())
+
+
+def onnx_split(x: Tensor, sizes: Optional[list], axis: int, n: int) -> tuple:
+    if sizes is None:
+        dim = x.shape[axis]
+        return torch.split(x, (dim + n - 1) // n, dim=axis)
+    return torch.split(x, list(sizes), dim=axis)
+
+
+def onnx_flatten(x: Tensor, axis: int) -> Tensor:
+    axis = axis % (x.dim() + 1) if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def onnx_reduce(kind: str, x: Tensor, axes: Optional[list], keepdims: bool) -> Tensor:
+    if axes is None:
+        axes = list(range(x.dim()))
+    dims = tuple(a % x.dim() for a in axes) if x.dim() else ()
+    if kind == "mean":
+        return x.mean(dims, keepdim=keepdims) if dims else x
+    if kind == "sum":
+        return x.sum(dims, keepdim=keepdims) if dims else x
+    if kind == "prod":
+        for d in sorted(dims, reverse=True):
+            x = x.prod(d, keepdim=keepdims)
+        return x
+    fn = torch.amax if kind == "max" else torch.amin
+    return fn(x, dims, keepdim=keepdims) if dims else x
+
+
+def onnx_gemm(a: Tensor, b: Tensor, c: Optional[Tensor], alpha: float, beta: float, trans_a: int, trans_b: int) -> Tensor:
+    a = a.transpose(0, 1) if trans_a else a
+    b = b.transpose(0, 1) if trans_b else b
+    y = a @ b
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def onnx_trunc_div(a: Tensor, b: Tensor) -> Tensor:
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def onnx_range(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> Tensor:
+    return torch.arange(start, limit, delta, dtype=dtype)
+
+
+def onnx_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype)
+
+
+# ---- elementwise --------------------------------------------------------------------------------
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _trunc_div_int(a: int, b: int) -> int:
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _sym_broadcast(ctx: Ctx, op: Callable, a: Any, b: Any) -> Any:
+    ia, ib = ctx.sym(a), ctx.sym(b)
+    if ia is None or ib is None:
+        return None
+    sa = isinstance(a, Sym) and a.scalar or isinstance(a, Const) and a.t.dim() == 0
+    sb = isinstance(b, Sym) and b.scalar or isinstance(b, Const) and b.t.dim() == 0
+    if len(ia) == 1 and len(ib) > 1:
+        ia = ia * len(ib)
+    if len(ib) == 1 and len(ia) > 1:
+        ib = ib * len(ia)
+    if len(ia) != len(ib):
+        return None
+    return ctx.make_sym([op(x, y) for x, y in zip(ia, ib)], scalar=sa and sb)
+
+
+def _binary(name: str, torch_fn: Callable, sym_fn: Optional[Callable]):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        a, b = inputs
+        if sym_fn is not None and (isinstance(a, Sym) or isinstance(b, Sym)):
+            out = _sym_broadcast(ctx, lambda x, y: ctx.sym_op(sym_fn, x, y)
+                                 if not (isinstance(x, int) and isinstance(y, int)) else _int_op(name, x, y), a, b)
+            if out is not None:
+                return out
+        fn = torch_fn
+        if name == "Div" and ctx.dtype(a) in _INT_DTYPES:
+            fn = onnx_trunc_div
+        return ctx.call(fn, a, b)
+    return conv
+
+
+def _int_op(name: str, x: int, y: int) -> Any:
+    return {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": _trunc_div_int,
+            "Equal": operator.eq, "Max": max, "Min": min}[name](x, y)
+
+
+for _name, _fn, _sym in (("Add", torch.add, operator.add), ("Sub", torch.sub, operator.sub),
+                         ("Mul", torch.mul, operator.mul), ("Div", torch.div, operator.floordiv),
+                         ("Pow", torch.pow, None), ("Less", torch.lt, None), ("Greater", torch.gt, None),
+                         ("LessOrEqual", torch.le, None), ("GreaterOrEqual", torch.ge, None),
+                         ("And", torch.logical_and, None), ("Or", torch.logical_or, None),
+                         ("Xor", torch.logical_xor, None)):
+    register(_name, rank=_max_rank)(_binary(_name, _fn, _sym))
+
+
+@register("Equal", rank=_max_rank)
+def convert_equal(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    a, b = inputs
+    if isinstance(a, Sym) or isinstance(b, Sym):
+        def eq(x: Any, y: Any) -> Any:
+            if isinstance(x, int) and isinstance(y, int):
+                return x == y
+            other = x if isinstance(x, int) else y if isinstance(y, int) else None
+            if other is not None and other < 0:
+                return False          # a size is never negative
+            return ctx.sym_op(operator.eq, x, y)
+        out = _sym_broadcast(ctx, eq, a, b)
+        if out is not None:
+            return out
+    out = ctx.call(torch.eq, a, b)
+    if isinstance(out, torch.fx.Node):
+        out.meta["dtype"] = torch.bool
+    return out
+
+
+def _unary(fn: Callable):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        return ctx.call(fn, inputs[0])
+    return conv
+
+
+for _name, _fn in (("Sqrt", torch.sqrt), ("Reciprocal", torch.reciprocal), ("Neg", torch.neg), ("Erf", torch.erf),
+                   ("Tanh", torch.tanh), ("Sigmoid", torch.sigmoid), ("Relu", torch.relu), ("Exp", torch.exp),
+                   ("Log", torch.log), ("Abs", torch.abs), ("Cos", torch.cos), ("Sin", torch.sin),
+                   ("Floor", torch.floor), ("Ceil", torch.ceil), ("Round", torch.round), ("Sign", torch.sign),
+                   ("Not", torch.logical_not), ("IsNaN", torch.isnan), ("Softplus", F.softplus)):
+    register(_name, rank=_same_rank)(_unary(_fn))
+
+
+@register("Identity", rank=_same_rank)
+def convert_identity(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return inputs[0]
+
+
+@register("Dropout", rank=_same_rank)
+def convert_dropout(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    if len(node.output) > 1 and node.output[1]:
+        return [x, ctx.call(torch.ones_like, x, dtype=torch.bool)]
+    return x
+
+
+@register("Gelu", rank=_same_rank)
+def convert_gelu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    approx = attrs.get("approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise OnnxImportError(f"Gelu approximate={approx!r} is not supported")
+    return ctx.call(F.gelu, inputs[0], approximate=approx)
+
+
+@register("LeakyRelu", rank=_same_rank)
+def convert_leaky_relu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(F.leaky_relu, inputs[0], attrs.get("alpha", 0.01))
+
+
+@register("HardSigmoid", rank=_same_rank)
+def convert_hard_sigmoid(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = ctx.call(torch.mul, inputs[0], attrs.get("alpha", 0.2))
+    return ctx.call(torch.clamp, ctx.call(torch.add, x, attrs.get("beta", 0.5)), 0.0, 1.0)
+
+
+@register("Clip", rank=_same_rank)
+def convert_clip(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    lo = inputs[1] if len(inputs) > 1 else None
+    hi = inputs[2] if len(inputs) > 2 else None
+    return ctx.call(torch.clamp, x, lo, hi)
+
+
+@register("Where", rank=_max_rank)
+def convert_where(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    c, a, b = inputs
+    ic, ia, ib = None, ctx.sym(a), ctx.sym(b)
+    if isinstance(c, Const) and c.t.dtype == torch.bool and c.t.dim() <= 1 and c.t.numel() <= 64:
+        ic = [bool(v) for v in c.t.reshape(-1).tolist()]
+    if isinstance(c, Sym):
+        ic = c.items
+    if ic is not None and ia is not None and ib is not None and (isinstance(a, Sym) or isinstance(b, Sym) or isinstance(c, Sym)):
+        n = max(len(ic), len(ia), len(ib))
+        ic, ia, ib = (v * n if len(v) == 1 else v for v in (ic, ia, ib))
+        if len(ic) == len(ia) == len(ib):
+            items = [x if cc is True else y if cc is False else ctx.graph.call_function(torch.sym_ite, (cc, x, y))
+                     for cc, x, y in zip(ic, ia, ib)]
+            return ctx.make_sym(items, scalar=all(ctx.rank(v) == 0 for v in (c, a, b)))
+    return ctx.call(torch.where, c, a, b)
+
+
+def _variadic(fn: Callable, sym_name: Optional[str] = None):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        out = inputs[0]
+        for v in inputs[1:]:
+            if sym_name and (isinstance(out, Sym) or isinstance(v, Sym)):
+                r = _sym_broadcast(ctx, lambda x, y: _int_op(sym_name, x, y) if isinstance(x, int) and isinstance(y, int)
+                                   else ctx.graph.call_function(torch.sym_max if sym_name == "Max" else torch.sym_min, (x, y)),
+                                   out, v)
+                if r is not None:
+                    out = r
+                    continue
+            out = ctx.call(fn, out, v)
+        return out
+    return conv
+
+
+register("Max", rank=_max_rank)(_variadic(torch.maximum, "Max"))
+register("Min", rank=_max_rank)(_variadic(torch.minimum, "Min"))
+register("Sum", rank=_max_rank)(_variadic(torch.add))
+
+
+# ---- MatMul-like --------------------------------------------------------------------------------
+
+
+def _scope_name(ctx: Ctx, node, weight_name: str) -> str:
+    """A module name for a linear layer: the exporter's module scope, the node name's path, or the weight's."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in eval(p.value, {"__builtins__": {}}) if s]  # a list literal of strings
+            except Exception:
+                scopes = []
+            if len(scopes) >= 2:
+                return scopes[-2]
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    if weight_name.endswith(".weight"):
+        return weight_name[: -len(".weight")]
+    ctx.linear_count += 1
+    return f"linear_{ctx.linear_count}"
+
+
+def _linear(ctx: Ctx, x: Any, w_kn: Tensor, bias: Optional[Tensor], name: str) -> Any:
+    lin = nn.Linear(w_kn.shape[0], w_kn.shape[1], bias=bias is not None, dtype=w_kn.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w_kn.t())
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.requires_grad_(False)
+    return ctx.module(name, lin, x)
+
+
+@register("MatMul", rank=_max_rank)
+def convert_matmul(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    a, b = inputs
+    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.dim() == 2 and b.t.is_floating_point() \
+            and ctx.rank(a) is not None and ctx.rank(a) >= 1:
+        return _linear(ctx, a, b.t, None, _scope_name(ctx, node, node.input[1]))
+    return ctx.call(torch.matmul, a, b)
+
+
+@register("Gemm", rank=lambda ctx, i, a: 2)
+def convert_gemm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    a, b = inputs[0], inputs[1]
+    c = inputs[2] if len(inputs) > 2 else None
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    ta, tb = attrs.get("transA", 0), attrs.get("transB", 0)
+    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.is_floating_point() and not ta \
+            and alpha == 1.0 and (c is None or (isinstance(c, Const) and beta == 1.0 and c.t.dim() == 1
+                                               and c.t.shape[0] == (b.t.shape[0] if tb else b.t.shape[1]))):
+        w_kn = b.t.t() if tb else b.t
+        return _linear(ctx, a, w_kn, c.t if c is not None else None, _scope_name(ctx, node, node.input[1]))
+    return ctx.call(onnx_gemm, a, b, c, alpha, beta, ta, tb)
+
+
+@register("Einsum")
+def convert_einsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(torch.einsum, attrs["equation"], *inputs)
+
+
+# ---- normalization / softmax / reductions -------------------------------------------------------
+
+
+@register("Softmax", rank=_same_rank)
+def convert_softmax(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(torch.softmax, inputs[0], attrs.get("axis", -1))
+
+
+@register("LogSoftmax", rank=_same_rank)
+def convert_log_softmax(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(torch.log_softmax, inputs[0], attrs.get("axis", -1))
+
+
+@register("LayerNormalization", rank=_same_rank)
+def convert_layer_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis, eps = attrs.get("axis", -1), attrs.get("epsilon", 1e-5)
+    y = ctx.call(onnx_layer_norm, x, scale, bias, axis, eps)
+    if len(node.output) > 1 and any(node.output[1:]):
+        stats = ctx.call(onnx_layer_norm_stats, x, axis, eps)
+        if isinstance(stats, list):
+            return [y, *stats]
+        return [y, ctx.graph.call_function(operator.getitem, (stats, 0)),
+                ctx.graph.call_function(operator.getitem, (stats, 1))]
+    return y
+
+
+def _axes(ctx: Ctx, inputs: list, attrs: dict, pos: int = 1) -> Optional[list]:
+    if len(inputs) > pos and inputs[pos] is not None:
+        return ctx.ints(inputs[pos], "axes")
+    return attrs.get("axes")
+
+
+def _reduce(kind: str):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        axes = _axes(ctx, inputs, attrs)
+        keep = bool(attrs.get("keepdims", 1))
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return inputs[0]
+            axes = None
+        return ctx.call(onnx_reduce, kind, inputs[0], axes, keep)
+    return conv
+
+
+def _reduce_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+    r = ctx.rank(inputs[0])
+    if r is None or attrs.get("keepdims", 1):
+        return r
+    return None
+
+
+for _name, _kind in (("ReduceMean", "mean"), ("ReduceSum", "sum"), ("ReduceMax", "max"), ("ReduceMin", "min"),
+                     ("ReduceProd", "prod")):
+    register(_name, rank=_reduce_rank)(_reduce(_kind))
+
+
+# ---- shapes -------------------------------------------------------------------------------------
+
+
+@register("Shape", rank=lambda ctx, i, a: 1)
+def convert_shape(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    if isinstance(x, (Const, Sym)):
+        dims = ctx.static_dims(x)
+        items = dims
+    else:
+        r = ctx.rank(x)
+        if r is None:
+            return ctx.call(torch.tensor, ctx.call(getattr, x, "shape"), dtype=torch.int64)
+        items = [ctx.size(x, i) for i in range(r)]
+    r = len(items)
+    start, end = attrs.get("start", 0), attrs.get("end", r)
+    start, end = (max(0, min(r, v + r if v < 0 else v)) for v in (start, end))
+    return ctx.make_sym(items[start:end])
+
+
+@register("Size", rank=lambda ctx, i, a: 0)
+def convert_size(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    if isinstance(x, Const):
+        return Const(torch.tensor(x.t.numel()))
+    return ctx.call(torch.numel, x)
+
+
+def _as_list(items: Any) -> Any:
+    return items if isinstance(items, torch.fx.Node) else list(items)
+
+
+def _shape_items(ctx: Ctx, v: Any, what: str) -> list:
+    return ctx.ints(v, what)
+
+
+@register("Reshape")
+def convert_reshape(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, shape = inputs
+    items = _shape_items(ctx, shape, "Reshape's shape")
+    if isinstance(items, torch.fx.Node):
+        return ctx.call(onnx_reshape, x, items, bool(attrs.get("allowzero", 0)))
+    items = list(items)
+    if not attrs.get("allowzero", 0):
+        for i, s in enumerate(items):
+            if isinstance(s, int) and s == 0:
+                if isinstance(x, Sym):
+                    items[i] = len(x.items)
+                elif isinstance(x, Const):
+                    items[i] = x.t.shape[i]
+                else:
+                    items[i] = ctx.size(x, i)
+    if isinstance(x, Sym):
+        n = len(x.items)
+        if items in ([], [1], [-1], [n]) or (len(items) == 1 and items[0] == n):
+            return Sym(x.items, scalar=not items)
+    out = ctx.call(torch.reshape, x, items)
+    if isinstance(out, torch.fx.Node):
+        out.meta["rank"] = len(items)
+    return out
+
+
+@register("Transpose", rank=_same_rank)
+def convert_transpose(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    perm = attrs.get("perm")
+    if perm is None:
+        r = ctx.rank(x)
+        if r is None:
+            return ctx.call(lambda t: t.permute(*reversed(range(t.dim()))), x)
+        perm = list(reversed(range(r)))
+    return ctx.call(torch.permute, x, list(perm))
+
+
+@register("Unsqueeze", rank=lambda ctx, i, a: None if ctx.rank(i[0]) is None else ctx.rank(i[0]) + len(ctx.sym(i[1]) or []))
+def convert_unsqueeze(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    axes = _axes(ctx, inputs, attrs)
+    if isinstance(x, Sym) and x.scalar and len(axes) == 1:
+        return Sym(x.items)
+    return ctx.call(onnx_unsqueeze, x, list(axes))
+
+
+@register("Squeeze")
+def convert_squeeze(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    axes = _axes(ctx, inputs, attrs)
+    if isinstance(x, Sym) and not x.scalar and len(x.items) == 1:
+        return Sym(x.items, scalar=True)
+    out = ctx.call(onnx_squeeze, x, list(axes) if axes is not None else None)
+    if isinstance(out, torch.fx.Node) and axes is not None and ctx.rank(x) is not None:
+        out.meta["rank"] = ctx.rank(x) - len(axes)
+    return out
+
+
+@register("Concat", rank=_max_rank)
+def convert_concat(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    inputs = [v for v in inputs if v is not None]
+    if any(isinstance(v, Sym) for v in inputs):
+        parts = [ctx.sym(v) for v in inputs]
+        if all(p is not None for p in parts):
+            return ctx.make_sym([i for p in parts for i in p])
+    return ctx.call(torch.cat, inputs, attrs.get("axis", 0))
+
+
+@register("Slice", rank=_same_rank)
+def convert_slice(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    starts = ctx.ints(inputs[1], "Slice starts")
+    ends = ctx.ints(inputs[2], "Slice ends")
+    axes = ctx.ints(inputs[3], "Slice axes") if len(inputs) > 3 and inputs[3] is not None else \
+        (list(range(len(starts))) if isinstance(starts, list) else None)
+    steps = ctx.ints(inputs[4], "Slice steps") if len(inputs) > 4 and inputs[4] is not None else None
+    if any(isinstance(v, torch.fx.Node) for v in (starts, ends, axes, steps)):
+        if steps is None or axes is None:
+            raise OnnxImportError("Slice with run-time starts/ends needs constant axes and steps")
+        return ctx.call(onnx_slice, x, starts, ends, axes, steps)
+    steps = steps if steps is not None else [1] * len(starts)
+    if any(not isinstance(s, int) for s in steps):
+        raise OnnxImportError("Slice steps must be known at import time")
+    big = 1 << 31
+    ends = [None if isinstance(e, int) and st > 0 and e >= big else
+            -big if isinstance(e, int) and e < -big else e for e, st in zip(ends, steps)]
+    starts = [max(-big, min(big, s)) if isinstance(s, int) else s for s in starts]
+    if isinstance(x, Sym) and all(isinstance(v, int) or v is None for v in (*starts, *ends)):
+        return ctx.make_sym(x.items[slice(starts[0], ends[0], steps[0])])
+    return ctx.call(onnx_slice, x, starts, ends, list(axes), steps)
+
+
+@register("Split")
+def convert_split(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    axis = attrs.get("axis", 0)
+    sizes = ctx.ints(inputs[1], "Split sizes") if len(inputs) > 1 and inputs[1] is not None else attrs.get("split")
+    n = attrs.get("num_outputs", len(node.output))
+    parts = ctx.call(onnx_split, x, sizes, axis, n)
+    if isinstance(parts, list):
+        return parts
+    outs = []
+    for i in range(len(node.output)):
+        o = ctx.graph.call_function(operator.getitem, (parts, i))
+        o.meta["rank"] = ctx.rank(x)
+        outs.append(o)
+    return outs
+
+
+@register("Gather", rank=lambda ctx, i, a: None if ctx.rank(i[0]) is None or ctx.rank(i[1]) is None
+          else ctx.rank(i[0]) + ctx.rank(i[1]) - 1)
+def convert_gather(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, idx = inputs
+    axis = attrs.get("axis", 0)
+    if isinstance(x, Sym):
+        ii = ctx.sym(idx)
+        if ii is not None and all(isinstance(i, int) for i in ii):
+            items = [x.items[i] for i in ii]
+            scalar = (isinstance(idx, Const) and idx.t.dim() == 0) or (isinstance(idx, Sym) and idx.scalar)
+            return ctx.make_sym(items, scalar=scalar)
+    if axis == 0 and isinstance(x, Const) and x.t.dim() == 2 and isinstance(idx, torch.fx.Node):
+        return ctx.call(onnx_embedding, x, idx)
+    return ctx.call(onnx_gather, x, idx, axis)
+
+
+@register("Expand")
+def convert_expand(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, shape = inputs
+    return ctx.call(onnx_expand, x, _as_list(ctx.ints(shape, "Expand shape")))
+
+
+@register("Tile", rank=_same_rank)
+def convert_tile(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(torch.tile, inputs[0], _as_list(ctx.ints(inputs[1], "Tile repeats")))
+
+
+@register("Flatten", rank=lambda ctx, i, a: 2)
+def convert_flatten(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(onnx_flatten, inputs[0], attrs.get("axis", 1))
+
+
+@register("Cast", rank=_same_rank)
+def convert_cast(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    to = attrs["to"]
+    if to not in ONNX_TO_TORCH:
+        raise OnnxImportError(f"Cast to {onnx.TensorProto.DataType.Name(to)} is not supported")
+    dt = ONNX_TO_TORCH[to]
+    x = inputs[0]
+    if isinstance(x, Sym) and dt in (torch.int64, torch.int32):
+        return x
+    out = ctx.call(onnx_cast, x, dt)
+    if isinstance(out, torch.fx.Node):
+        out.meta["dtype"] = dt
+    return out
+
+
+@register("CastLike", rank=_same_rank)
+def convert_cast_like(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    dt = ctx.dtype(inputs[1])
+    if dt is None:
+        raise OnnxImportError("CastLike: the target's type is unknown")
+    if isinstance(inputs[0], Sym) and dt in (torch.int64, torch.int32):
+        return inputs[0]
+    out = ctx.call(onnx_cast, inputs[0], dt)
+    if isinstance(out, torch.fx.Node):
+        out.meta["dtype"] = dt
+    return out
+
+
+@register("Constant")
+def convert_constant(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    if "value" in attrs:
+        return Const(attrs["value"])
+    if "value_float" in attrs:
+        return Const(torch.tensor(attrs["value_float"], dtype=torch.float32))
+    if "value_floats" in attrs:
+        return Const(torch.tensor(list(attrs["value_floats"]), dtype=torch.float32))
+    if "value_int" in attrs:
+        return Const(torch.tensor(attrs["value_int"], dtype=torch.int64))
+    if "value_ints" in attrs:
+        return Const(torch.tensor(list(attrs["value_ints"]), dtype=torch.int64))
+    raise OnnxImportError(f"Constant with attribute(s) {sorted(attrs)} is not supported (only numeric tensors)")
+
+
+@register("ConstantOfShape")
+def convert_constant_of_shape(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    value = attrs.get("value", torch.zeros(1, dtype=torch.float32))
+    items = _as_list(ctx.ints(inputs[0], "ConstantOfShape shape"))
+    out = ctx.call(torch.full, items, value.reshape(()).item(), dtype=value.dtype)
+    if isinstance(out, torch.fx.Node):
+        out.meta.update(dtype=value.dtype, rank=len(items) if isinstance(items, list) else None)
+    return out
+
+
+@register("Range", rank=lambda ctx, i, a: 1)
+def convert_range(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    dt = ctx.dtype(inputs[0]) or torch.int64
+    vals = []
+    for v in inputs:
+        s = ctx.sym(v)
+        if s is not None and len(s) == 1:
+            vals.append(s[0])
+        elif isinstance(v, Const) and v.t.numel() == 1:
+            vals.append(v.t.reshape(()).item())
+        else:
+            vals.append(ctx.graph.call_method("item", (ctx.tensor(v),)))
+    out = ctx.call(onnx_range, *vals, dt)
+    if isinstance(out, torch.fx.Node):
+        out.meta.update(dtype=dt, rank=1)
+    return out
+
+
+@register("Trilu", rank=_same_rank)
+def convert_trilu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    k = 0
+    if len(inputs) > 1 and inputs[1] is not None:
+        k = ctx.ints(inputs[1], "Trilu k")[0]
+    fn = torch.triu if attrs.get("upper", 1) else torch.tril
+    return ctx.call(fn, inputs[0], k)
+
+
+@register("OneHot")
+def convert_one_hot(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    idx, depth, values = inputs
+    d = ctx.sym(depth)
+    depth_v = d[0] if d is not None else (depth.t.reshape(()).item() if isinstance(depth, Const) else
+                                          ctx.graph.call_method("item", (depth,)))
+    return ctx.call(onnx_one_hot, idx, depth_v, values, attrs.get("axis", -1))
+
+
+# ---- ai.bwta ------------------------------------------------------------------------------------
+
+B = schemas.DOMAIN
+
+
+@register("TernaryCode", domain=B, fold=False, rank=_same_rank)
+def convert_ternary_code(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, s = inputs
+    return ctx.call(torch.ops.bwta.ternary_code.default, x, s, attrs.get("levels", 1))
+
+
+@register("BoolCode", domain=B, fold=False, rank=_same_rank)
+def convert_bool_code(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, s, b = inputs
+    return ctx.call(torch.ops.bwta.bool_code.default, x, s, b, attrs.get("levels", 1))
+
+
+@register("SignCode", domain=B, fold=False, rank=_same_rank)
+def convert_sign_code(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, s = inputs
+    return ctx.call(torch.ops.bwta.sign_code.default, x, s)
+
+
+@register("BinaryCode", domain=B, fold=False, rank=_same_rank)
+def convert_binary_code(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    out = ctx.call(torch.ops.bwta.binary_code.default, inputs[0])
+    codes = ctx.graph.call_function(operator.getitem, (out, 0))
+    alpha = ctx.graph.call_function(operator.getitem, (out, 1))
+    codes.meta.update(dtype=ctx.dtype(inputs[0]), rank=ctx.rank(inputs[0]))
+    alpha.meta.update(dtype=torch.float32, rank=None if ctx.rank(inputs[0]) is None else ctx.rank(inputs[0]) - 1)
+    return [codes, alpha]
+
+
+@register("Linear", domain=B, fold=False, rank=_same_rank)
+def convert_bwta_linear(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, s, b, wp, scale = inputs[:5]
+    bias = inputs[5] if len(inputs) > 5 else None
+    act, k = attrs.get("act"), attrs.get("k")
+    if act not in ("ternary", "bool", "binary"):
+        raise OnnxImportError(f"ai.bwta.Linear: act must be ternary, bool or binary, got {act!r}")
+    if not isinstance(k, int) or k <= 0:
+        raise OnnxImportError(f"ai.bwta.Linear: attribute k must be a positive int, got {k!r}")
+    if isinstance(wp, Const) and wp.t.dtype != torch.int32:
+        raise OnnxImportError(f"ai.bwta.Linear: packed weight must be int32, got {wp.t.dtype}")
+    od = attrs.get("out_dtype", onnx.TensorProto.FLOAT)
+    out_dtype = None if od == onnx.TensorProto.FLOAT else ONNX_TO_TORCH.get(od)
+    pad = attrs.get("pad_bits", 64)
+    out = ctx.call(torch.ops.bwta.linear.default, x, s, b, act, wp, k, scale, bias, out_dtype, pad, "")
+    out.meta["dtype"] = out_dtype or torch.float32
+    return out
+
+
+__all__ = ["CONVERTERS", "Converter", "register"]
