@@ -8,13 +8,25 @@ from __future__ import annotations
 from . import config, formats, ops, reference  # noqa: F401  (registers the bwta:: custom ops)
 from .modules import (AttentionCore, BinaryActQuantizer, BoolQuantizer, BWTAAttention, BWTALinear,
                       BWTAMultiheadAttention, TernaryQuantizer)
+from .freeze import freeze, state_dict_bytes
 from .ops import binarize, boolize, ternarize
 from .quantize import QuantConfig, quantize, report_lines
+from .report import last_report, reset_reports
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCore", "BWTAAttention", "BWTALinear", "BWTAMultiheadAttention", "BinaryActQuantizer",
-    "BoolQuantizer", "QuantConfig", "TernaryQuantizer", "binarize", "boolize", "config", "quantize",
-    "report_lines", "ternarize", "__version__",
+    "BoolQuantizer", "QuantConfig", "TernaryQuantizer", "binarize", "boolize", "compile_onnx", "config",
+    "freeze", "last_report", "quantize", "report_lines", "reset_reports", "state_dict_bytes", "ternarize",
+    "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # ONNX support loads lazily so that importing bwta_compiler never imports onnx.
+    if name == "compile_onnx":
+        from .onnx import compile_onnx
+
+        return compile_onnx
+    raise AttributeError(f"module 'bwta_compiler' has no attribute {name!r}")

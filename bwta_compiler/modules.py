@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import formats, ops
 
 
 class _ScaleQuantizer(nn.Module):
@@ -151,12 +151,35 @@ class BWTALinear(nn.Module):
                 m.bias.copy_(lin.bias)
         return m
 
+    @property
+    def frozen(self) -> bool:
+        return self.weight is None
+
+    def freeze_(self, pad_bits: int = 64) -> "BWTALinear":
+        """Replace the float weight by its packed binary codes and per-channel scale (deployment)."""
+        if self.frozen:
+            return self
+        with torch.no_grad():
+            code, alpha = ops.binary_code_eager(self.weight.detach())
+            packed = formats.pack_binary_codes(code, pad_bits)
+        del self.weight
+        self.weight = None
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_alpha", alpha)
+        return self
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """(binary codes [N, K], alpha [N]) from the float weight, or from the packed one if frozen."""
+        if self.frozen:
+            return ops.unpack_binary(self.weight_packed, self.in_features, torch.float32), self.weight_alpha
+        return ops.binary_code(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"BWTALinear: input has K={x.shape[-1]} (shape {tuple(x.shape)}), "
-                             f"weight expects K={self.in_features} (weight {tuple(self.weight.shape)})")
+                             f"weight expects K={self.in_features} (out_features {self.out_features})")
         cx, s = self.act.codes(x)
-        cw, alpha = ops.binary_code(self.weight)
+        cw, alpha = self.weight_codes()
         acc = F.linear(cx.float(), cw.float())
         y = acc * (alpha * s.float())
         if self.bias is not None:

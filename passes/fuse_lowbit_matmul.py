@@ -1,0 +1,161 @@
+"""Fuse activation quantize -> pack -> MatMul into one ``bwta::`` op.
+
+A MatMul whose operands trace back, through layout-only ops, to quantizer code ops becomes:
+
+* ``bwta::linear(x, s, b, act, w_packed, K)`` when the right operand is a folded binary weight
+  (``t(unpack_binary(w_packed))``): binary weight x ternary/bool/binary activation;
+* ``bwta::qbmm(a, act_a, ..., b, act_b, ..., b_kn=True)`` when both operands are quantized
+  activations: ternary x ternary (Q·Kᵀ), bool x ternary (P·V), binary x binary.
+
+Layout ops commute with element-wise quantization, so they are replayed on the float input
+(dtype conversions of codes are dropped: the quantizer compares in the input's own dtype).
+The fused node's output is the same integer accumulator, in the MatMul's float dtype, so the
+epilogue (scales, bias) can stay as ordinary ops or be absorbed by ``fuse_epilogue``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from bwta_compiler.reference import QBMM_VARIANTS
+
+from .context import PassContext
+from .patterns import CONVERT_OPS, act_kind, aten, bwta, code_levels, code_scale_args, is_call, meta_val, walk_layout
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """Typed facts about a fused low-bit node (``node.meta["bwta"]``)."""
+
+    op: str                       # "linear" | "qbmm"
+    variant: str                  # bt | tt | ut | bb
+    a_act: str
+    b_act: str
+    k: int                        # contraction length (0 if dynamic)
+    n: int                        # output columns (0 if dynamic)
+    in_dtype: str
+    out_dtype: str
+    b_kn: bool = False
+    has_scale: bool = False
+    scale_per_col: bool = False
+    has_bias: bool = False
+    source: str = ""              # the MatMul node it replaced
+
+    def replace(self, **kw) -> "FusedSpec":
+        return dataclasses.replace(self, **kw)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _static(v) -> int:
+    return int(v) if isinstance(v, int) else 0
+
+
+def _replay(gm: GraphModule, src: Node, chain: list[Node], before: Node) -> Node:
+    """Apply the layout ops of ``chain`` to ``src`` (a float tensor), skipping dtype converts."""
+    cur = src
+    with gm.graph.inserting_before(before):
+        for op in chain:
+            if op.target in CONVERT_OPS:
+                continue
+            target = aten.reshape.default if op.target in (aten.view.default, aten._unsafe_view.default) else op.target
+            cur = gm.graph.call_function(target, (cur, *op.args[1:]), dict(op.kwargs))
+            val = meta_val(op)
+            src_val = meta_val(src)
+            if val is not None and src_val is not None:
+                cur.meta["val"] = val.to(src_val.dtype)
+    return cur
+
+
+def _weight_of(b: Node) -> Optional[tuple[Node, int]]:
+    """(packed-words get_attr node, K) when ``b`` is ``t(unpack_binary(get_attr))``."""
+    src, chain = walk_layout(b)
+    layout = [n for n in chain if n.target not in CONVERT_OPS]
+    transposed = len(layout) == 1 and (layout[0].target == aten.t.default or
+                                       (layout[0].target == aten.transpose.int and
+                                        sorted(a % 2 for a in layout[0].args[1:3]) == [0, 1]) or
+                                       (layout[0].target == aten.permute.default and list(layout[0].args[1]) == [1, 0]))
+    if is_call(src, bwta.unpack_binary.default) and src.args[0].op == "get_attr" and transposed:
+        return src.args[0], int(src.args[1])
+    return None
+
+
+def _why_not(a_src: Node, b_src: Node, gm: GraphModule) -> str:
+    if act_kind(a_src) is None:
+        return f"left operand ({a_src.name}) is not a quantized activation"
+    if is_call(b_src, bwta.binary_code.default):
+        return f"weight {b_src.args[0].name} is not a frozen parameter (binary codes computed at run time)"
+    if act_kind(b_src) is None and not is_call(b_src, bwta.unpack_binary.default):
+        return f"right operand ({b_src.name}) is not quantized"
+    return "operand layout not recognised"
+
+
+def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> Optional[str]:
+    """Rewrite one MatMul; returns the reason when it stays float, else None."""
+    a, b = mm.args[:2]
+    a_src, a_chain = walk_layout(a)
+    b_src, b_chain = walk_layout(b)
+    a_act = act_kind(a_src)
+    if a_act is None:
+        return _why_not(a_src, b_src, gm)
+    if code_levels(a_src) != 1:
+        return f"{a_src.name} has {2 * code_levels(a_src) + 1} levels (a training stage), not ternary"
+    x = a_src.args[0]
+    s, boff = code_scale_args(a_src)
+    out_val = meta_val(mm)
+    x_val = meta_val(x)
+    weight = _weight_of(b) if mm.target == aten.mm.default else None
+    if weight is not None:
+        packed, k = weight
+        xa = _replay(gm, x, a_chain, mm)
+        n = int(meta_val(packed).shape[0]) if meta_val(packed) is not None else getattr(gm, packed.target).shape[0]
+        with gm.graph.inserting_before(mm):
+            fused = gm.graph.call_function(bwta.linear.default, (xa, s, boff, a_act, packed, k), {
+                "out_dtype": out_val.dtype, "pad_bits": ctx.cfg.pad_bits})
+        spec = FusedSpec("linear", "bb" if a_act == "binary" else "bt", a_act, "binary", k, n,
+                         _dtype_name(x_val.dtype), _dtype_name(out_val.dtype), source=mm.name)
+    else:
+        b_act = act_kind(b_src)
+        if b_act is None:
+            return _why_not(a_src, b_src, gm)
+        if code_levels(b_src) != 1:
+            return f"{b_src.name} has {2 * code_levels(b_src) + 1} levels (a training stage), not ternary"
+        variant = QBMM_VARIANTS.get((a_act, b_act))
+        if variant is None:
+            return f"no low-bit variant for {a_act} x {b_act}"
+        xa = _replay(gm, x, a_chain, mm)
+        xb = _replay(gm, b_src.args[0], b_chain, mm)
+        sb, bb = code_scale_args(b_src)
+        with gm.graph.inserting_before(mm):
+            fused = gm.graph.call_function(bwta.qbmm.default, (xa, a_act, s, boff, xb, b_act, sb, bb, True), {
+                "out_dtype": out_val.dtype, "pad_bits": ctx.cfg.pad_bits})
+        spec = FusedSpec("qbmm", variant, a_act, b_act, _static(meta_val(a).shape[-1]),
+                         _static(out_val.shape[-1]), _dtype_name(x_val.dtype), _dtype_name(out_val.dtype),
+                         b_kn=True, source=mm.name)
+    fused.meta["val"] = out_val
+    fused.meta["bwta"] = spec
+    mm.replace_all_uses_with(fused)
+    gm.graph.erase_node(mm)
+    ctx.record(mm.name, lowbit=True, variant=spec.variant, reason="")
+    ctx.counters[f"fuse_lowbit_matmul.{spec.variant}"] += 1
+    return None
+
+
+def fuse_lowbit_matmul(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    for node in list(gm.graph.nodes):
+        if not is_call(node, aten.mm.default, aten.bmm.default):
+            continue
+        reason = _fuse_one(gm, node, ctx)
+        if reason is not None:
+            ctx.record(node.name, reason=reason)
+        else:
+            ctx.counters["fuse_lowbit_matmul"] += 1
+    gm.graph.eliminate_dead_code()
+    return gm

@@ -1,0 +1,60 @@
+"""Bring the many spellings of a MatMul into one form: ``mm`` / ``bmm`` plus a separate bias ``add``
+(``addmm``, ``baddbmm`` and ``linear`` are split), and record every MatMul for the low-bit report."""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from .context import MatmulRecord, PassContext
+from .patterns import aten, is_call, meta_val
+
+
+def _split_with_bias(gm: GraphModule, node: Node, mm_op) -> Node:
+    bias, a, b = node.args[:3]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1:
+        return node
+    with gm.graph.inserting_before(node):
+        mm = gm.graph.call_function(mm_op, (a, b))
+        mm.meta["val"] = meta_val(node)
+        add = gm.graph.call_function(aten.add.Tensor, (mm, bias))
+        add.meta["val"] = meta_val(node)
+    node.replace_all_uses_with(add)
+    gm.graph.erase_node(node)
+    return mm
+
+
+def _split_linear(gm: GraphModule, node: Node) -> Node:
+    x, w = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    xv = meta_val(x)
+    with gm.graph.inserting_before(node):
+        x2 = gm.graph.call_function(aten.reshape.default, (x, [-1, xv.shape[-1]]))
+        wt = gm.graph.call_function(aten.t.default, (w,))
+        mm = gm.graph.call_function(aten.mm.default, (x2, wt))
+        out = gm.graph.call_function(aten.reshape.default, (mm, list(meta_val(node).shape)))
+        if bias is not None:
+            out = gm.graph.call_function(aten.add.Tensor, (out, bias))
+    for n in (mm, out):
+        n.meta["val"] = meta_val(node)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return mm
+
+
+def normalize_matmul(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    for node in list(gm.graph.nodes):
+        if is_call(node, aten.addmm.default):
+            node = _split_with_bias(gm, node, aten.mm.default)
+            ctx.counters["normalize_matmul"] += 1
+        elif is_call(node, aten.baddbmm.default):
+            node = _split_with_bias(gm, node, aten.bmm.default)
+            ctx.counters["normalize_matmul"] += 1
+        elif is_call(node, aten.linear.default) and meta_val(node.args[0]) is not None:
+            node = _split_linear(gm, node)
+            ctx.counters["normalize_matmul"] += 1
+        if is_call(node, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
+                   aten.baddbmm.default):
+            ctx.matmuls[node.name] = MatmulRecord(node.name, str(node.target).split(".")[1],
+                                                  reason="operands are not quantized (float MatMul)")
+    return gm
