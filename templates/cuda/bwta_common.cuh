@@ -225,14 +225,19 @@ template <int ACT, int DT, bool VEC>
 __device__ __forceinline__ void bwta_pack_chunk(const void *row, int k0, int K, float t, u32 t2, u32 &P, u32 &N) {
     if (VEC && k0 + 32 <= K) {
         if (DT == 0) {
+            // 8 x 16-byte loads, packed as they arrive (keeps 32 floats from being live at once)
             const float4 *src = (const float4 *)((const float *)row + k0);
-            float v[32];
+            u32 p = 0u, n = 0u;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 float4 q = __ldg(src + i);
-                v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
+                bwta_bits_f32<ACT>(q.x, t, 4 * i, p, n);
+                bwta_bits_f32<ACT>(q.y, t, 4 * i + 1, p, n);
+                bwta_bits_f32<ACT>(q.z, t, 4 * i + 2, p, n);
+                bwta_bits_f32<ACT>(q.w, t, 4 * i + 3, p, n);
             }
-            bwta_pack32_f32<ACT>(v, t, P, N);
+            P = p;
+            N = n;
         } else {
             const uint4 *src = (const uint4 *)((const u16 *)row + k0);
             u32 w[16];
