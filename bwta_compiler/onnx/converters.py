@@ -792,9 +792,31 @@ def convert_bwta_linear(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     od = attrs.get("out_dtype", onnx.TensorProto.FLOAT)
     out_dtype = None if od == onnx.TensorProto.FLOAT else ONNX_TO_TORCH.get(od)
     pad = attrs.get("pad_bits", 64)
-    out = ctx.call(torch.ops.bwta.linear.default, x, s, b, act, wp, k, scale, bias, out_dtype, pad, "")
+    if ctx.fused_linear:
+        out = ctx.call(torch.ops.bwta.linear.default, x, s, b, act, wp, k, scale, bias, out_dtype, pad, "")
+    else:
+        # The form BWTALinear has after weight folding, which the backend's passes fuse into one
+        # bwta::linear with a generated kernel: codes(x) @ unpack(Wp)^T * scale + bias, in fp32.
+        codes = _act_codes(ctx, act, x, s, b)
+        w = ctx.call(torch.ops.bwta.unpack_binary.default, wp, k, torch.float32)
+        acc = ctx.call(F.linear, ctx.call(onnx_cast, codes, torch.float32), w)
+        out = ctx.call(torch.mul, acc, scale)
+        if bias is not None:
+            out = ctx.call(torch.add, out, bias)
+        if out_dtype is not None:
+            out = ctx.call(onnx_cast, out, out_dtype)
     out.meta["dtype"] = out_dtype or torch.float32
     return out
+
+
+def _act_codes(ctx: Ctx, act: str, x: Any, s: Any, b: Any) -> Any:
+    if act == "ternary":
+        return ctx.call(torch.ops.bwta.ternary_code.default, x, s, 1)
+    if act == "bool":
+        if b is None:
+            raise OnnxImportError("ai.bwta.Linear with act='bool' needs the offset input B")
+        return ctx.call(torch.ops.bwta.bool_code.default, x, s, b, 1)
+    return ctx.call(torch.ops.bwta.sign_code.default, x, s)
 
 
 __all__ = ["CONVERTERS", "Converter", "register"]

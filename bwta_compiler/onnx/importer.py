@@ -120,6 +120,7 @@ class Ctx:
         self.node: Optional[onnx.NodeProto] = None
         self.fold = True
         self.linear_count = 0
+        self.fused_linear = False
 
     # -- value helpers --------------------------------------------------------------------------
 
@@ -469,7 +470,8 @@ def _topo_order(graph: onnx.GraphProto, known: set, where: str) -> list[tuple[in
 # ---- the driver ---------------------------------------------------------------------------------
 
 
-def import_model(model: Union[str, os.PathLike, onnx.ModelProto, bytes], quantize: Any = None) -> fx.GraphModule:
+def import_model(model: Union[str, os.PathLike, onnx.ModelProto, bytes], quantize: Any = None, *,
+                 fused_linear: bool = False) -> fx.GraphModule:
     """Import an ONNX model as a ``torch.fx.GraphModule``.
 
     ``model``: a path (external data files are resolved relative to it), a ``ModelProto`` or the
@@ -482,6 +484,11 @@ def import_model(model: Union[str, os.PathLike, onnx.ModelProto, bytes], quantiz
     the ONNX module scope (``layers.0.attention.q_proj``), so the same name rules decide which ones
     become BWTA (the result carries ``bwta_report``).  Attention MatMuls of a float ONNX model
     stay float.
+
+    ``ai.bwta`` nodes become the ``bwta::`` torch ops.  ``ai.bwta.Linear`` becomes, by default, the
+    form a ``BWTALinear`` has after weight folding (``codes(x) @ unpack_binary(Wp)^T * scale + bias``),
+    which the ``bwta`` backend fuses into one kernel like any quantized torch model;
+    ``fused_linear=True`` emits one ``bwta::linear`` call instead (same results, bit for bit).
 
     Raises :class:`~bwta_compiler.errors.OnnxImportError` for anything it cannot import.
     """
@@ -503,6 +510,7 @@ def import_model(model: Union[str, os.PathLike, onnx.ModelProto, bytes], quantiz
         schemas.register()
     types = _infer_types(proto_w)
     ctx = Ctx(where, opset, types)
+    ctx.fused_linear = fused_linear
     env: dict[str, Value] = {}
     inits = {t.name for t in g.initializer}
     for t in g.initializer:
