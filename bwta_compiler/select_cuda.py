@@ -94,3 +94,37 @@ def write_table(rows: list[dict], path: str, meta: dict) -> None:
     """Write measured rows (used by the benchmark's --tune)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def _infer_op(base: GemmParams) -> str:
+    if base.variant in ("tt", "ut") or base.b_act != "binary" or base.n == 0:
+        return "qbmm"
+    return "linear"
+
+
+def select_cuda_params(base: GemmParams, cfg=None, m_hint: int = 0, arch: str = "") -> GemmParams:
+    """Bridge entry (``runtime_bridge``): fill op, arch and tiles.
+
+    Linear layers get ``impl="auto"``: M is a run-time size, so the loaded kernel picks the table
+    row for each call's M (popc GEMV for decode, tensor cores for prefill), compiling each
+    variant on first use.  ``m_hint > 0`` fixes one row instead."""
+    if not arch:
+        arch = _device_arch()
+    op = _infer_op(base) if base.op == "linear" else base.op
+    base = base.replace(op=op, isa=arch)
+    if op == "qbmm":
+        return qbmm_params(base, arch, "mma")
+    if m_hint > 0:
+        return linear_params(base, m_hint, arch)
+    return base.replace(impl="auto")
+
+
+def _device_arch() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"sm_{major}{minor}"
+    except Exception:  # pragma: no cover
+        pass
+    return "sm_90"

@@ -467,29 +467,78 @@ class AttentionKernel(LoadedKernel):
         return out
 
 
-_LOADED: dict[tuple, LoadedKernel] = {}
-_LOAD_LOCK = threading.Lock()
+class LinearDispatch:
+    """``impl="auto"`` linear: one compiled variant per table row, chosen by each call's M.
+
+    Attributes (name, source, log, ...) describe the variant used last (initially the large-M
+    tensor-core one, compiled eagerly so compile errors surface at load time)."""
+
+    def __init__(self, params: GemmParams, cfg) -> None:
+        self.params = params
+        self._cfg = cfg
+        self._variants: dict[GemmParams, LinearKernel] = {}
+        self._primary = self._variant(1 << 20)
+
+    def _variant(self, m: int) -> LinearKernel:
+        from bwta_compiler.select_cuda import linear_params
+
+        p = linear_params(self.params, max(1, m), self.params.isa)
+        k = self._variants.get(p)
+        if k is None:
+            k = _load(p, self._cfg)
+            self._variants[p] = k
+        return k
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._primary, name)
+
+    def __call__(self, x, s, b, w_packed, scale, bias, out_dtype):
+        m = x.numel() // max(1, x.shape[-1])
+        return self._variant(m)(x, s, b, w_packed, scale, bias, out_dtype)
+
+    def __repr__(self) -> str:
+        return f"<LinearDispatch {self.params.a_act} K={self.params.k} N={self.params.n} variants={len(self._variants)}>"
+
+
+_LOADED: dict[tuple, Any] = {}
+_LOAD_LOCK = threading.RLock()
 
 
 def load_kernel(params: Params, cfg=None) -> LoadedKernel:
-    """Compile (cached) and load the kernel for ``params`` on the current device."""
+    """Compile (cached) and load the kernel for ``params`` on the current device.
+
+    The params' ``isa`` is replaced by the device's arch.  ``GemmParams(impl="auto")`` (linear)
+    returns a :class:`LinearDispatch` choosing the variant per call's M."""
     if not available():
         raise RuntimeError("bwta CUDA: no CUDA device")
+    arch = device_arch(torch.cuda.current_device())
+    params = params.replace(isa=arch)
+    if isinstance(params, GemmParams) and params.impl == "auto":
+        key = (torch.cuda.current_device(), params)
+        with _LOAD_LOCK:
+            k = _LOADED.get(key)
+            if k is None:
+                k = _LOADED[key] = LinearDispatch(params, cfg)
+            return k
+    return _load(params, cfg)
+
+
+def _load(params: Params, cfg) -> LoadedKernel:
     device = torch.cuda.current_device()
-    torch.cuda.init()
-    arch = device_arch(device)
     if isinstance(params, FusedAttentionParams):
-        params = params.replace(isa=arch)
         cls = AttentionKernel
+    elif getattr(params, "op", "linear") == "qbmm" or params.variant in ("tt", "ut"):
+        cls = QbmmKernel
     else:
-        params = params.replace(isa=arch)
-        cls = QbmmKernel if (getattr(params, "op", "linear") == "qbmm" or params.variant in ("tt", "ut")) else LinearKernel
+        cls = LinearKernel
     key = (device, params)
     with _LOAD_LOCK:
         k = _LOADED.get(key)
         if k is None:
             with torch.cuda.device(device):
-                torch.empty(1, device="cuda")  # make sure torch's primary context is current
-                k = cls(params, compile_params(params, cfg, arch))
+                torch.empty(1, device="cuda")  # torch's primary context is current on this thread
+                k = cls(params, compile_params(params, cfg, params.isa))
             _LOADED[key] = k
         return k
