@@ -86,7 +86,8 @@ def _compile_training(gm: GraphModule, example_inputs, cfg: Config, graph_id: in
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
-    return aot_autograd(fw_compiler=make_boxed_func, bw_compiler=make_boxed_func)(gm, example_inputs)
+    eager = lambda g, _inputs: make_boxed_func(g.forward)  # noqa: E731
+    return aot_autograd(fw_compiler=eager, bw_compiler=eager)(gm, example_inputs)
 
 
 # ---- inference graphs: the pass pipeline, kernel binding, fallback compile ---------------------
@@ -188,7 +189,7 @@ def _bind_kernels(gm: GraphModule, ctx, rep: GraphReport, dump: DebugDump) -> No
             else:
                 name = kernel.name
                 kernel_registry.register(name, kernel)
-                node.kwargs = dict(node.kwargs, kernel=name)
+                node.kwargs = dict(node.kwargs, kernel_id=name)
                 dump.kernel(name, kernel.source, runtime_bridge.source_suffix(choice.target), kernel.key_lines,
                             kernel.log, choice.params.to_json())
         rep.kernels.append((node.name, choice.describe(), name))

@@ -1,6 +1,6 @@
 """Process-wide table of launchable generated kernels, keyed by the name the selector bound.
 
-The fused ops (``bwta::linear``, ``bwta::qbmm``) carry a ``kernel`` string argument; when it is
+The fused ops (``bwta::linear``, ``bwta::qbmm``) carry a ``kernel_id`` string argument; when it is
 not empty they call the entry registered here instead of their reference implementation.  The
 backend fills the table at compile time (and again on a kernel-cache hit), so a graph never
 names a kernel that is not loaded in this process.

@@ -53,6 +53,9 @@ class _ScaleQuantizer(nn.Module):
     def step_size(self, x: Tensor) -> Tensor:
         """The scale with the LSQ gradient factor ``1/sqrt(numel * Qp)`` applied to its gradient."""
         self._maybe_init(x)
+        if not torch.is_grad_enabled():
+            # Inference: no gradient to scale, and numel() would specialise the token dimension.
+            return self.scale
         return ops.grad_scale(self.scale, ops.lsq_grad_scale(x.numel(), self.levels))
 
     def extra_repr(self) -> str:

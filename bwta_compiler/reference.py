@@ -7,7 +7,7 @@ against (and they are tested against an integer matmul of the unpacked codes).
 
 ``bwta::linear`` and ``bwta::qbmm`` are the fused ops that the passes put into the graph:
 quantize -> pack -> MatMul -> epilogue in one node.  Their eager implementation is the
-reference path; when the kernel-selection pass has bound a generated kernel (the ``kernel``
+reference path; when the backend has bound a generated kernel (the ``kernel_id``
 argument names it in :mod:`bwta_compiler.kernel_registry`), the same op launches it instead.
 """
 
@@ -172,9 +172,9 @@ def linear_reference(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_pack
 def linear(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_packed: Tensor, k: int,
            scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
            out_dtype: Optional[torch.dtype] = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
-           kernel: str = "") -> Tensor:
+           kernel_id: str = "") -> Tensor:
     """Fused low-bit linear: quantize ``x`` [..., K] (``act``), pack, MatMul with the packed binary
-    weight [N, Kw], then ``float(acc) * scale + bias``.  ``kernel`` names a generated kernel."""
+    weight [N, Kw], then ``float(acc) * scale + bias``.  ``kernel_id`` names a generated kernel."""
     check_float("x", x, "linear")
     _check_act("linear", act, s, b)
     _check_words("w_packed", w_packed, "linear", 1)
@@ -183,13 +183,13 @@ def linear(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_packed: Tensor
                          f"weight's K={k} (w_packed {tuple(w_packed.shape)})")
     if w_packed.shape[-1] != formats.num_words(k, pad_bits):
         raise ValueError(f"bwta::linear: w_packed {tuple(w_packed.shape)} does not hold K={k} at pad_bits={pad_bits}")
-    if kernel:
-        return kernel_registry.get(kernel)(x, s, b, w_packed, scale, bias, out_dtype)
+    if kernel_id:
+        return kernel_registry.get(kernel_id)(x, s, b, w_packed, scale, bias, out_dtype)
     return linear_reference(x, s, b, act, w_packed, k, scale, bias, out_dtype, pad_bits)
 
 
 @linear.register_fake
-def _(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel=""):
+def _(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype or torch.float32)
 
 
@@ -217,7 +217,7 @@ def qbmm_reference(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b:
 def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b: Tensor, b_act: str, b_s: Tensor,
          b_b: Optional[Tensor], b_kn: bool, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
          out_dtype: Optional[torch.dtype] = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
-         kernel: str = "") -> Tensor:
+         kernel_id: str = "") -> Tensor:
     """Fused batched MatMul of two quantized activations (attention): ``a`` [..., M, K] times ``b``
     ([..., K, N] if ``b_kn`` else [..., N, K]); TT for Q·Kᵀ, UT for P·V, BB for binary x binary."""
     check_float("a", a, "qbmm")
@@ -229,13 +229,13 @@ def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b: Tensor, b
     kb = b.shape[-2] if b_kn else b.shape[-1]
     if a.shape[-1] != kb:
         raise ValueError(f"bwta::qbmm: contraction sizes differ: a {tuple(a.shape)} vs b {tuple(b.shape)} (b_kn={b_kn})")
-    if kernel:
-        return kernel_registry.get(kernel)(a, a_s, a_b, b, b_s, b_b, scale, bias, out_dtype)
+    if kernel_id:
+        return kernel_registry.get(kernel_id)(a, a_s, a_b, b, b_s, b_b, scale, bias, out_dtype)
     return qbmm_reference(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale, bias, out_dtype, pad_bits)
 
 
 @qbmm.register_fake
-def _(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel=""):
+def _(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
     n = b.shape[-1] if b_kn else b.shape[-2]
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return a.new_empty((*batch, a.shape[-2], n), dtype=out_dtype or torch.float32)

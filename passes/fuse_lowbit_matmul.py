@@ -16,6 +16,7 @@ epilogue (scales, bias) can stay as ordinary ops or be absorbed by ``fuse_epilog
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,6 +91,8 @@ def _weight_of(b: Node) -> Optional[tuple[Node, int]]:
 def _why_not(a_src: Node, b_src: Node, gm: GraphModule) -> str:
     if act_kind(a_src) is None:
         return f"left operand ({a_src.name}) is not a quantized activation"
+    if is_call(b_src, operator.getitem) and is_call(b_src.args[0], bwta.binary_code.default):
+        b_src = b_src.args[0]
     if is_call(b_src, bwta.binary_code.default):
         return f"weight {b_src.args[0].name} is not a frozen parameter (binary codes computed at run time)"
     if act_kind(b_src) is None and not is_call(b_src, bwta.unpack_binary.default):

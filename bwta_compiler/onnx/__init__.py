@@ -10,8 +10,8 @@ import importlib
 import os
 from typing import Any, Union
 
-_LAZY = {"import_model": "importer", "export": "export", "PackedBWTALinear": "export",
-         "prepare_for_export": "export", "bwta_op_counts": "export"}
+_LAZY = {"import_model": "importer", "export": "exporter", "PackedBWTALinear": "exporter",
+         "prepare_for_export": "exporter", "bwta_op_counts": "exporter"}
 
 
 def __getattr__(name: str) -> Any:

@@ -243,9 +243,31 @@ class Ctx:
             return "c_" + (self.node.output[0] if self.node.output else self.node.op_type)
         return "const"
 
+    def _path_of(self, target: nn.Module) -> list:
+        for n, m in self.root.named_modules():
+            if m is target:
+                return [(p, None) for p in n.split(".")] if n else []
+        return []
+
     def module(self, name: str, mod: nn.Module, *args: Any) -> fx.Node:
-        name = _sanitize(name, self._names).replace("_", "_")
-        self.root.add_module(name, mod)
+        # Keep the dotted module path (``layers.0.attention.q_proj``) so quantize()'s name rules apply.
+        parts = [re.sub(r"\W", "_", p) or "m" for p in name.split(".")]
+        parent = self.root
+        for p in parts[:-1]:
+            child = getattr(parent, p, None) if p in parent._modules else None
+            if child is None:
+                if hasattr(parent, p):
+                    p = _sanitize(p, set(dir(parent)))
+                child = nn.Module()
+                parent.add_module(p, child)
+            parent = child
+        leaf, i = parts[-1], 1
+        while hasattr(parent, leaf) or (parent is self.root and leaf in self._names):
+            leaf, i = f"{parts[-1]}_{i}", i + 1
+        parent.add_module(leaf, mod)
+        if parent is self.root:
+            self._names.add(leaf)
+        name = ".".join(n for n, _ in self._path_of(parent)) + ("." if parent is not self.root else "") + leaf
         args = tuple(self.buffer(a, self._hint()) if isinstance(a, torch.Tensor) else a
                      for a in (self.tensor(x) if isinstance(x, (Const, Sym)) else x for x in args))
         return self.graph.call_module(name, args)

@@ -99,16 +99,23 @@ def test_sdpa_caller_is_redirected_to_bwta_core():
 def test_multihead_attention_swapped():
     mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
     q = bc.quantize(nn.Sequential(mha))
-    assert isinstance(q[0], bc.BWTAMultiheadAttention)
+    layer = q[0]
+    assert isinstance(layer, bc.BWTAMultiheadAttention)
+    assert torch.equal(layer.k_proj.weight, mha.in_proj_weight[32:64])
+    assert torch.equal(layer.v_proj.bias, mha.in_proj_bias[64:])
     x = torch.randn(2, 6, 32)
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[1, 4:] = True
     with torch.no_grad():
-        q[0](x, x, x, key_padding_mask=pad)
-        out, _ = q[0](x, x, x, key_padding_mask=pad)
-        ref, _ = mha(x, x, x, key_padding_mask=pad)
-    assert out.shape == ref.shape
-    assert (out - ref).norm() / ref.norm() < 1.0   # quantized, but close to the float layer
+        layer(x, x, x, key_padding_mask=pad)
+        out, weights = layer(x, x, x, key_padding_mask=pad)
+        split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)  # noqa: E731
+        mask = torch.zeros(2, 1, 1, 6).masked_fill(pad[:, None, None, :], float("-inf"))
+        ctx = _reference_attention(layer.core, split(layer.q_proj(x)), split(layer.k_proj(x)),
+                                   split(layer.v_proj(x)), mask=mask)
+        expect = layer.out_proj(ctx.transpose(1, 2).reshape(2, 6, 32))
+    assert weights is None
+    torch.testing.assert_close(out, expect)
 
 
 def test_hf_bert_and_llama():

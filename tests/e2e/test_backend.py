@@ -1,0 +1,306 @@
+"""torch.compile(backend="bwta"): capture, rewrite counts, compiled == eager, fallbacks, report,
+debug dump, dynamic token dimension, weight changes, freeze."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bwta_compiler as bc
+from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+
+EAGER = {"fallback": "eager"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    bc.reset_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def _calibrated(model, *inputs):
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)
+    return model
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="bwta", options={**EAGER, **options})
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_entry_point_without_importing_package():
+    code = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Linear(4, 4)
+        y = torch.compile(m, backend="bwta", options={"fallback": "eager"})(torch.randn(2, 4))
+        print("imported" if "bwta_compiler" in sys.modules else "not imported", tuple(y.shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "imported (2, 4)" in out.stdout
+    assert "bwta" in torch._dynamo.list_backends()
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(Exception, match=r"unknown bwta option\(s\) \['tile'\].*valid options: .*fallback"):
+        torch.compile(nn.Linear(2, 2), backend="bwta", options={"tile": 3})(torch.randn(1, 2))
+
+
+def test_env_overrides_default_and_options_override_env(monkeypatch):
+    monkeypatch.setenv("BWTA_FALLBACK", "eager")
+    monkeypatch.setenv("BWTA_STRICT", "1")
+    cfg = bc.config.resolve({"strict": False})
+    assert cfg.fallback == "eager" and cfg.strict is False
+    monkeypatch.setenv("BWTA_FALLBACK", "tvm")
+    with pytest.raises(ValueError, match="fallback.*must be one of"):
+        bc.config.resolve()
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 9), (3, 33)])
+def test_encoder_with_padding_mask_bitwise(batch, seq):
+    m = bc.quantize(Encoder(EncoderConfig.tiny()))
+    ids = torch.randint(0, 1000, (batch, seq))
+    mask = torch.ones(batch, seq)
+    mask[0, max(1, seq - 3):] = 0
+    _calibrated(m, ids, mask)
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(ids, mask), m(ids, mask))
+    rep = bc.last_report()
+    assert rep.lowbit == rep.total == 2 * 8          # 6 linears + QK + PV per layer
+    kinds = [c for g in rep.graphs for _, c, _ in g.kernels]
+    assert sum(" tt " in f" {c} " for c in kinds) == 2 and sum(c.startswith("ut") for c in kinds) == 2
+
+
+def test_decoder_causal_and_kv_cache_decoding_bitwise():
+    cfg = DecoderConfig.tiny()
+    m = bc.quantize(Decoder(cfg))
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    _calibrated(m, ids)
+    c = _compile(m)
+    with torch.no_grad():
+        logits, cache = c(ids)
+        ref_logits, ref_cache = m(ids)
+        assert torch.equal(logits, ref_logits)
+        for _ in range(3):                      # query length 1, key length growing
+            nxt = logits[:, -1:].argmax(-1)
+            logits, cache = c(nxt, cache)
+            ref_logits, ref_cache = m(nxt, ref_cache)
+            assert torch.equal(logits, ref_logits)
+    rep = bc.last_report()
+    assert all(g.lowbit == 2 * 9 for g in rep.graphs)  # 7 linears + QK + PV per layer; lm_head float
+    assert all(len(g.matmuls) == 2 * 9 + 1 for g in rep.graphs)
+    assert any("lm_head" in line or "not a quantized" in line for line in rep.lines())
+
+
+class SDPAModel(nn.Module):
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_sdpa_model_bitwise():
+    m = bc.quantize(SDPAModel())
+    x = torch.randn(2, 7, 32)
+    _calibrated(m, x)
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(x), m(x))
+    assert bc.last_report().lowbit == 4
+
+
+class RawOpsModel(nn.Module):
+    """Written directly with bwta code ops, ``x @ w.t()`` and ``torch.bmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24, 32))
+        self.s = nn.Parameter(torch.tensor(0.6))
+        self.sk = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        bw = torch.ops.bwta
+        cx = bw.ternary_code(x, self.s, 1)
+        cw, alpha = bw.binary_code(self.w)
+        y = (cx @ cw.t()) * (alpha * self.s)                      # [B, T, 24]
+        q = bw.ternary_code(y, self.sk, 1)
+        return torch.bmm(q, q.transpose(1, 2)) * (self.sk * self.sk)
+
+
+def test_matmul_and_bmm_spellings_bitwise():
+    m = RawOpsModel().eval()
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(x), m(x))
+    rep = bc.last_report()
+    assert rep.lowbit == 2 and rep.total == 2
+
+
+def test_float_model_compiles_with_zero_lowbit_ops():
+    m = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_compile(m)(x), m(x))
+    rep = bc.last_report()
+    assert rep.lowbit == 0 and rep.total == 2
+    assert "0 of 2 MatMuls run in low bit" in rep.summary()
+
+
+def test_negative_cases_stay_float_with_reasons():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(0.5))
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x, w):
+            cx = torch.ops.bwta.ternary_code(x, self.s, 1)
+            cw, a = torch.ops.bwta.binary_code(w)             # weight is a run-time input
+            c3 = torch.ops.bwta.ternary_code(x, self.s, 3)      # 7 levels: not ternary
+            return cx @ cw.t() + c3 @ self.lin.weight.t() + self.lin(x)
+
+    m = Weird().eval()
+    x, w = torch.randn(2, 16), torch.randn(16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_compile(m)(x, w), m(x, w))
+    rep = bc.last_report()
+    assert rep.lowbit == 0 and rep.total == 3
+    text = "\n".join(rep.lines())
+    assert "not a frozen parameter" in text and "7 levels" in text
+
+
+def test_strict_lists_every_float_matmul():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    with pytest.raises(Exception, match=r"strict mode(.|\n)*float: .*\n(.|\n)*float: "):
+        with torch.no_grad():
+            _compile(m, strict=True)(torch.randn(2, 8))
+
+
+def test_graph_break_compiles_both_parts(capsys):
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = bc.BWTALinear(16, 16)
+            self.b = bc.BWTALinear(16, 16)
+
+        def forward(self, x):
+            y = self.a(x)
+            print("graph break here")
+            return self.b(y)
+
+    m = Breaks()
+    x = torch.randn(3, 16)
+    _calibrated(m, x)
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(x), m(x))
+    rep = bc.last_report()
+    assert len(rep.graphs) == 2 and rep.lowbit == 2
+
+
+def test_training_mode_trains_through_ste():
+    torch.manual_seed(0)
+    m = bc.quantize(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2)))
+    x = torch.randn(64, 16)
+    y = (x[:, 0] > 0).long()
+    _calibrated(m, x).train()
+    c = _compile(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(c(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert bc.last_report().graphs[0].mode == "training"
+    assert any("straight-through" in line for line in bc.last_report().lines())
+
+
+def test_weight_changed_in_place_is_repacked():
+    m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
+    x = torch.randn(4, 32)
+    _calibrated(m, x)
+    c = _compile(m)
+    with torch.no_grad():
+        c(x)
+        m[0].weight.mul_(-1.0).add_(0.01)
+        assert torch.equal(c(x), m(x))
+
+
+def test_dynamic_token_dimension_no_recompile_per_length():
+    m = bc.quantize(Encoder(EncoderConfig.tiny()))
+    _calibrated(m, torch.randint(0, 1000, (2, 7)))
+    c = _compile(m)
+    with torch.no_grad():
+        for t in (7, 64, 129, 33):
+            ids = torch.randint(0, 1000, (2, t))
+            assert torch.equal(c(ids), m(ids))
+    # a static graph for the first length, then one dynamic graph for all others
+    assert len(bc.last_report().graphs) <= 2
+
+
+def test_freeze_drops_float_weights_and_roundtrips(tmp_path):
+    m = bc.quantize(Encoder(EncoderConfig.tiny()))
+    ids = torch.randint(0, 1000, (2, 9))
+    _calibrated(m, ids)
+    with torch.no_grad():
+        ref = m(ids)
+    full = bc.state_dict_bytes(m)
+    bc.freeze(m)
+    assert bc.state_dict_bytes(m) < 0.6 * full
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref)
+    path = tmp_path / "packed.pt"
+    torch.save(m.state_dict(), path)
+    fresh = bc.freeze(bc.quantize(Encoder(EncoderConfig.tiny()))).eval()
+    fresh.load_state_dict(torch.load(path))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), ref)
+        assert torch.equal(_compile(fresh)(ids), ref)
+    assert bc.last_report().lowbit == 16
+
+
+def test_debug_dump_files(tmp_path):
+    m = bc.quantize(Encoder(EncoderConfig.tiny(layers=1)))
+    ids = torch.randint(0, 1000, (2, 5))
+    _calibrated(m, ids)
+    with torch.no_grad():
+        _compile(m, debug_dir=str(tmp_path))(ids)
+    gdir = tmp_path / "graph_000" if (tmp_path / "graph_000").exists() else next(tmp_path.iterdir())
+    names = sorted(p.name for p in gdir.iterdir())
+    assert names[0].startswith("00_input") and any(n.endswith("fuse_lowbit_matmul.py") for n in names)
+    assert "bwta.linear" in (gdir / [n for n in names if n.endswith("select_kernels.py")][0]).read_text()
+    assert "8 of 8 MatMuls run in low bit" in (gdir / "report.txt").read_text()
+    table = (gdir / "kernels.txt").read_text()
+    assert table.count("\n") >= 9 and "bt" in table and "tt" in table
+
+
+def test_inductor_fallback_close_to_eager():
+    m = bc.quantize(Encoder(EncoderConfig.tiny(layers=1)))
+    ids = torch.randint(0, 1000, (2, 11))
+    _calibrated(m, ids)
+    with torch.no_grad():
+        got = torch.compile(m, backend="bwta", options={"fallback": "inductor"})(ids)
+        ref = m(ids)
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 1e-2, rel
+    assert bc.last_report().lowbit == 8
