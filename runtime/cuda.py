@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -43,6 +44,8 @@ DTYPE_NAME = {v: k for k, v in TORCH_DTYPE.items()}
 ESIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 PLANES = {"ternary": 2, "bool": 1, "binary": 1}
 SMEM_LIMIT = 48 * 1024
+# Tests only (tests/emu): run the kernels' host emulation on CPU tensors instead of the driver.
+_HOST_EMULATION = False
 
 Params = Union[GemmParams, FusedAttentionParams]
 
@@ -283,26 +286,31 @@ def _launch(fn, grid: tuple[int, int, int], block: int, args: list[tuple[Any, ty
 
 
 class _Thresholds:
-    """Device-side one-element thresholds, cached per (scale tensor, version, dtype): no host sync."""
+    """Device-side one-element thresholds, cached per scale tensor object (weakly referenced, so a
+    freed tensor whose memory is reused never hits) and its version counter: no host sync."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple] = {}
 
     def get(self, act: str, s: torch.Tensor, b: Optional[torch.Tensor], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-        key = (act, s.data_ptr(), s._version, s.device, None if b is None else (b.data_ptr(), b._version), dtype)
-        t = self._cache.get(key)
-        if t is None:
-            if act == "ternary":
-                t = ternary_thresholds(s, 1, dtype)
-            elif act == "bool":
-                t = bool_thresholds(s, b, 1, dtype)
-            else:
-                t = torch.zeros(1, device=s.device)
-            t = t.float().reshape(1).to(device).contiguous()
-            if len(self._cache) > 512:
-                self._cache.clear()
-            self._cache[key] = t
+        key = (act, id(s), id(b), dtype, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            s_ref, s_ver, b_ref, b_ver, t = hit
+            if s_ref() is s and s_ver == s._version and (b is None or (b_ref() is b and b_ver == b._version)):
+                return t
+        if act == "ternary":
+            t = ternary_thresholds(s, 1, dtype)
+        elif act == "bool":
+            t = bool_thresholds(s, b, 1, dtype)
+        else:
+            t = torch.zeros(1, device=s.device)
+        t = t.float().reshape(1).to(device).contiguous()
+        if len(self._cache) > 512:
+            self._cache.clear()
+        self._cache[key] = (weakref.ref(s), s._version, None if b is None else weakref.ref(b),
+                            None if b is None else b._version, t)
         return t
 
 
@@ -348,7 +356,7 @@ class LoadedKernel:
 class LinearKernel(LoadedKernel):
     def __call__(self, x, s, b, w_packed, scale, bias, out_dtype):
         p: GemmParams = self.params
-        if not x.is_cuda:
+        if not x.is_cuda and not _HOST_EMULATION:
             raise ValueError(f"{self.name}: x must be a CUDA tensor, got {x.device}")
         if DTYPE_NAME.get(x.dtype) != p.in_dtype or x.shape[-1] != p.k:
             raise ValueError(f"{self.name}: specialised for x [..., {p.k}] {p.in_dtype}, got {tuple(x.shape)} {x.dtype}")
@@ -393,7 +401,7 @@ class QbmmKernel(LoadedKernel):
         p: GemmParams = self.params
         want_out = out_dtype or torch.float32
         for name, t in (("a", a), ("b", b)):
-            if not t.is_cuda or DTYPE_NAME.get(t.dtype) != p.in_dtype:
+            if (not t.is_cuda and not _HOST_EMULATION) or DTYPE_NAME.get(t.dtype) != p.in_dtype:
                 raise ValueError(f"{self.name}: {name} must be a CUDA {p.in_dtype} tensor, got {t.dtype} on {t.device}")
         if DTYPE_NAME.get(want_out) != p.out_dtype:
             raise ValueError(f"{self.name}: specialised for out dtype {p.out_dtype}, asked for {want_out}")
@@ -440,7 +448,7 @@ class AttentionKernel(LoadedKernel):
         if DTYPE_NAME.get(want_out) != fp.out_dtype:
             raise ValueError(f"{self.name}: specialised for out dtype {fp.out_dtype}, asked for {want_out}")
         for name, x in (("q", q), ("k", k), ("v", v)):
-            if not x.is_cuda or DTYPE_NAME.get(x.dtype) != fp.in_dtype:
+            if (not x.is_cuda and not _HOST_EMULATION) or DTYPE_NAME.get(x.dtype) != fp.in_dtype:
                 raise ValueError(f"{self.name}: {name} must be a CUDA {fp.in_dtype} tensor")
         dev = q.device
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

@@ -15,31 +15,46 @@
 //   UT  sum = apc(A,Pb) + apc(A,~Nb) - popc(A)
 #pragma once
 
+// Host emulation (tests only): the inline-PTX primitives below come from the emulator's header,
+// everything else in this file is compiled unchanged for the host.
+#ifdef BWTA_HOST_EMULATION
+#include "bwta_emu_primitives.h"
+#endif
+
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
 // ---- scalar conversions (round to nearest even, like torch's casts) -----------------------
 
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ float bwta_h2f(u16 h) {
     float f;
     asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
+
 
 __device__ __forceinline__ float bwta_bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u16 bwta_f2h(float f) {
     u16 h;
     asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
+
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u16 bwta_f2bf(float f) {
     u16 h;
     asm("{ .reg .b16 t; cvt.rn.bf16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
+
 
 // The epilogue of DESIGN.md: float(acc) * scale + bias in fp32, two roundings, no FMA.
 __device__ __forceinline__ float bwta_epilogue(int acc, float scale, float bias, bool has_scale, bool has_bias) {
@@ -52,32 +67,44 @@ __device__ __forceinline__ float bwta_epilogue(int acc, float scale, float bias,
 // ---- packed f16x2 / bf16x2 comparisons: two halves per instruction -------------------------
 
 // Each 16-bit lane of the result is 0xFFFF where (a_lane > b_lane), else 0 (NaN -> 0).
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u32 bwta_hgt2(u32 a, u32 b) {
     u32 d;
     asm("set.gt.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
 }
+#endif
 
+
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u32 bwta_hlt2(u32 a, u32 b) {
     u32 d;
     asm("set.lt.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
 }
+#endif
+
 
 // !(a >= b) per lane (NaN -> true): the sign quantizer's "-1" bit.
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u32 bwta_hltu2(u32 a, u32 b) {
     u32 d;
     asm("set.ltu.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
 }
+#endif
+
 
 // Word with element j (low half of word lo_w / hi_w selected by odd) and element j+16.
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ u32 bwta_pair(u32 w_lo, u32 w_hi, bool odd) {
     u32 d;
     if (odd) asm("prmt.b32 %0, %1, %2, 0x7632;" : "=r"(d) : "r"(w_lo), "r"(w_hi));
     else     asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(w_lo), "r"(w_hi));
     return d;
 }
+#endif
+
 
 // ---- quantize + pack 32 consecutive values into one word per plane ------------------------
 // ACT: 0 = ternary (P, N), 1 = bool (P only, N = 0), 2 = binary sign (P = [!(x >= 0)], N = ~P
@@ -169,6 +196,7 @@ __device__ __forceinline__ void bwta_pack32_tail(const void *row, int k0, int K,
 // ---- binary tensor-core MMA (AND + popcount only) -------------------------------------------
 
 // D += popc(A & B) on an m8n8k128 tile: a, b one 32-bit fragment register each, 2 s32 accumulators.
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ void bwta_bmma_and(int &c0, int &c1, u32 a, u32 b) {
     asm volatile(
         "mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.and.popc "
@@ -176,6 +204,8 @@ __device__ __forceinline__ void bwta_bmma_and(int &c0, int &c1, u32 a, u32 b) {
         : "+r"(c0), "+r"(c1)
         : "r"(a), "r"(b));
 }
+#endif
+
 
 // Sum over the 4 lanes of a quad (the lanes that hold one m8n8k128 fragment row).
 __device__ __forceinline__ int bwta_quad_sum(int v) {
@@ -192,16 +222,23 @@ __device__ __forceinline__ int bwta_warp_sum(int v) {
 
 // ---- asynchronous global -> shared copies (sm_80+) ------------------------------------------
 
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ void bwta_cp_async16(void *smem, const void *gmem, bool valid) {
     u32 s = (u32)__cvta_generic_to_shared(smem);
     int bytes = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes));
 }
+#endif
 
+
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ void bwta_cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+#endif
 
+#ifndef BWTA_HOST_EMULATION
 template <int N>
 __device__ __forceinline__ void bwta_cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+#endif
 
 // Store one output value in the output dtype (OT: 0 = fp32, 1 = fp16, 2 = bf16).
 template <int OT>
@@ -212,11 +249,14 @@ __device__ __forceinline__ void bwta_store(void *out, long long idx, float y) {
 }
 
 // 4-byte async copy (for rows whose word count is not a multiple of 4): zero-filled if !valid.
+#ifndef BWTA_HOST_EMULATION
 __device__ __forceinline__ void bwta_cp_async4(void *smem, const void *gmem, bool valid) {
     u32 s = (u32)__cvta_generic_to_shared(smem);
     int bytes = valid ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(bytes));
 }
+#endif
+
 
 // Quantize + pack the 32 values [k0, k0 + 32) of one row (row length K elements) into P and N.
 // DT: 0 = fp32, 1 = fp16, 2 = bf16.  VEC: rows are 16-byte aligned (K * size % 16 == 0 and an
