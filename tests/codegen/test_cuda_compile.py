@@ -222,7 +222,7 @@ def test_header_identities_and_epilogue():
                      "if (has_scale) y = __fmul_rn(y, scale);", "if (has_bias) y = __fadd_rn(y, bias);",
                      "set.gt.u32.f16x2", "set.lt.u32.f16x2", "prmt.b32",
                      "mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.and.popc", "cp.async.cg.shared.global"],
-              absent=("s32.xor.popc", "cuda_fp16.h"))
+              absent=("s32.xor.popc", "#include <cuda_fp16.h>"))
     # The only include is the host emulator's (tests), behind BWTA_HOST_EMULATION.
     includes = [line for line in text.splitlines() if line.startswith("#include")]
     assert includes == ['#include "bwta_emu_primitives.h"']
