@@ -37,6 +37,9 @@ _ISA_MACRO = {"avx512": "BWTA_ISA_AVX512", "avx2": "BWTA_ISA_AVX2", "portable": 
 _PLANES = {"ternary": 2, "bool": 1, "binary": 1}
 # Template per kernel name; "bt" also serves the binary-activation linear (variant bb, op linear).
 CPU_TEMPLATES = {"bt": "gemm_bt.c.jinja", "tt": "gemm_tt.c.jinja", "ut": "gemm_ut.c.jinja", "bb": "gemm_bb.c.jinja"}
+# Word pairs (64-bit) below which a linear runs on one thread: ~30 us of AVX2 work, where an
+# OpenMP fork-join (and, on a busy machine, waiting for a descheduled thread) costs more.
+PAR_MIN_WORDS = 1 << 17
 _LINEAR_MODES = {"ternary": "bt_ternary", "bool": "bt_bool", "binary": "bb"}
 
 _LINEAR_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
@@ -100,6 +103,7 @@ def template_values(params: GemmParams) -> dict[str, Any]:
         elem_bytes=_DTYPES[params.in_dtype].itemsize,
         out_bytes=_DTYPES[params.out_dtype].itemsize,
         block_tiles=max(1, block),
+        par_min_words=PAR_MIN_WORDS,
     )
 
 
@@ -233,11 +237,11 @@ class LoadedKernel:
             if scale.numel() != want:
                 raise ValueError(f"{self.name}: scale {tuple(scale.shape)} must hold {want} value(s) "
                                  f"(scale_per_col={p.scale_per_col}, N={n})")
-            scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
+            scale = _f32_vector(scale)
         if bias is not None:
             if bias.numel() != n:
                 raise ValueError(f"{self.name}: bias {tuple(bias.shape)} must hold N={n} values")
-            bias = bias.detach().reshape(-1).to(torch.float32).contiguous()
+            bias = _f32_vector(bias)
         return scale, bias
 
     # ---- linear ----------------------------------------------------------------------------
@@ -247,7 +251,7 @@ class LoadedKernel:
         if w.dtype != torch.int32 or tuple(w.shape) != (p.n, p.kw):
             raise ValueError(f"{self.name}: w_packed is {w.dtype} {tuple(w.shape)}, kernel was built for "
                              f"int32 ({p.n}, {p.kw})")
-        return w.contiguous()
+        return w if w.is_contiguous() else w.contiguous()
 
     def _call_linear(self, x: Tensor, s: Tensor, b: Optional[Tensor], w_packed: Tensor,
                      scale: Optional[Tensor], bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
@@ -255,7 +259,7 @@ class LoadedKernel:
         self._check_input("x", x, -1)
         w = self._check_weight(w_packed)
         scale, bias = self._epilogue_args(scale, bias, p.n, out_dtype)
-        x2 = x.detach().reshape(-1, p.k).contiguous()
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.detach().reshape(-1, p.k).contiguous()
         m = x2.shape[0]
         out = torch.empty((*x.shape[:-1], p.n), dtype=_DTYPES[p.out_dtype])
         if m == 0:
@@ -316,6 +320,14 @@ class LoadedKernel:
                             _ptr(scale), _ptr(bias), out.data_ptr(), wa.data_ptr(), pa.data_ptr(), wb.data_ptr(),
                             pb.data_ptr(), self._threads())
         return out
+
+
+def _f32_vector(t: Tensor) -> Tensor:
+    """``t`` as contiguous fp32 (no copy, and no dispatcher calls, when it already is: per-call overhead
+    matters at M = 1, where the kernel itself runs for microseconds)."""
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t
+    return t.detach().reshape(-1).to(torch.float32).contiguous()
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
