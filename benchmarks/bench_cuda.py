@@ -220,6 +220,8 @@ def fmt_table(results: list) -> str:
                 if f"fused_{tag}ms" in r:
                     lines.append(f"| fused attention {tag.rstrip('_') or 'full'} | {r['label']} | {r[base]:.4f} (SDPA fp16) "
                                  f"| {r[f'fused_{tag}ms']:.4f} | {r[f'fused_{tag}speedup_vs_sdpa']:.2f}x | |")
+        elif r["kind"] == "error":
+            lines.append(f"| ERROR | {r['label']} | | | | {r['error'][:120]} |")
         else:
             for part in ("qk", "pv"):
                 if f"{part}_bwta_ms" in r:
@@ -247,14 +249,26 @@ def main() -> int:
     mma_cfgs = [("mma", 32, 128, 4, 1), ("mma", 64, 128, 2, 2), ("mma", 16, 128, 2, 2)]
     popc_cfgs = [("popc", 8, 16, 1, 4), ("popc", 1, 16, 1, 4)]
 
+    def guarded(what: str, fn, *a) -> None:
+        # One failing measurement must not cost the rest of the run (device time is scarce).
+        try:
+            fn(*a)
+        except Exception as e:  # noqa: BLE001
+            print(f"bench_cuda: {what} failed: {type(e).__name__}: {e}")
+            results.append({"kind": "error", "label": what, "error": f"{type(e).__name__}: {e}"[:500]})
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     # 1. The paper author's shapes (N = 128 tokens), mma and popc: is binary MMA native on this arch?
     for rows, k in PAPER_SHAPES:
         if budget.ok():
-            bench_linear(128, rows, k, mma_cfgs + popc_cfgs[:1], results, "paper", budget)
+            guarded(f"linear paper {rows}x{k}", bench_linear, 128, rows, k, mma_cfgs + popc_cfgs[:1], results,
+                    "paper", budget)
     # 2. Attention at seq 2048, 32 heads of 128, batch 1 and 16.
     for b in (1, 16):
         if budget.ok():
-            bench_attention(b, results, budget)
+            guarded(f"attention b{b}", bench_attention, b, results, budget)
+            torch.cuda.empty_cache()
     # 3. BERT-base and LLaMA-7B shapes at M in {1, 16, 128, 2048}.
     if not args.quick:
         for model, shapes in MODEL_SHAPES.items():
@@ -263,7 +277,8 @@ def main() -> int:
                     if not budget.ok():
                         break
                     cfgs = popc_cfgs + mma_cfgs[2:] if m <= 16 else mma_cfgs
-                    bench_linear(m, rows, k, cfgs if args.tune else cfgs[:2], results, model, budget)
+                    guarded(f"linear {model} M={m} {rows}x{k}", bench_linear, m, rows, k,
+                            cfgs if args.tune else cfgs[:2], results, model, budget)
 
     table = fmt_table(results)
     print(table)
