@@ -74,6 +74,11 @@ def _nvrtc():
     try:
         from cuda.bindings import nvrtc
     except ImportError as e:  # pragma: no cover - depends on the environment
+        try:  # cuda-python < 12.6 spelled it cuda.nvrtc
+            from cuda import nvrtc  # type: ignore[no-redef]
+            return nvrtc
+        except ImportError:
+            pass
         raise CompileError("the CUDA target needs cuda-bindings and nvidia-cuda-nvrtc "
                            "(pip install 'bwta-compiler[cuda]')", log=str(e)) from None
     return nvrtc

@@ -70,7 +70,7 @@ def available() -> bool:
 
 def _probe() -> bool:
     try:
-        from cuda.bindings import driver
+        driver = _driver()
     except ImportError as e:
         log.warning("bwta: no CUDA device (cuda-bindings not installed: %s)", e)
         return False
@@ -255,7 +255,10 @@ def compile_params(params: Params, cfg=None, arch: Optional[str] = None) -> Comp
 # ---- driver: modules, launches ----------------------------------------------------------------
 
 def _driver():
-    from cuda.bindings import driver
+    try:
+        from cuda.bindings import driver
+    except ImportError:  # cuda-python < 12.6
+        from cuda import cuda as driver  # type: ignore[no-redef]
     return driver
 
 
