@@ -98,7 +98,9 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
 
     dump = DebugDump(cfg.debug_dir, graph_id)
     rep = GraphReport(graph_id)
-    original = copy.deepcopy(gm)
+    # A second module over a copy of the graph (sharing the constants, which passes never mutate)
+    # so that a failed pipeline can still run the untouched graph.
+    original = GraphModule(gm, copy.deepcopy(gm.graph))
     ctx = PassContext(cfg=cfg, target=_target(cfg, fake_inputs))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) == len(fake_inputs):

@@ -304,3 +304,33 @@ def test_inductor_fallback_close_to_eager():
     rel = float((got - ref).norm() / ref.norm())
     assert rel < 1e-2, rel
     assert bc.last_report().lowbit == 8
+
+
+def test_hf_bert_and_llama_with_kv_cache():
+    transformers = pytest.importorskip("transformers")
+    bert = bc.quantize(transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)))
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    _calibrated(bert, ids, mask)
+    with torch.no_grad():
+        got = _compile(bert)(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(got, bert(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert bc.last_report().lowbit >= 2 * 8
+
+    bc.reset_reports()
+    llama = bc.quantize(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64)))
+    _calibrated(llama, ids)
+    c = _compile(llama)
+    with torch.no_grad():
+        for t in (1, 8):
+            assert torch.equal(c(input_ids=ids[:, :t]).logits, llama(input_ids=ids[:, :t]).logits)
+        out = c(input_ids=ids[:, :7], use_cache=True)
+        ref = llama(input_ids=ids[:, :7], use_cache=True)
+        step = c(input_ids=ids[:, 7:], past_key_values=out.past_key_values, use_cache=True).logits
+        ref_step = llama(input_ids=ids[:, 7:], past_key_values=ref.past_key_values, use_cache=True).logits
+        assert torch.equal(step, ref_step)
+    assert bc.last_report().lowbit >= 2 * 9
