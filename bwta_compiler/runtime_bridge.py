@@ -51,9 +51,12 @@ def load(choice: KernelChoice, cfg: Config) -> tuple[Optional[Any], str]:
         return None, f"{choice.target} target unavailable on this machine"
     try:
         params = _target_params(choice, cfg)
-        return rt.load_kernel(params, cfg), ""
+        kernel = rt.load_kernel(params, cfg)
     except CompileError as e:
         log.warning("bwta kernel compile failed: %s", e)
         return None, f"kernel compile failed: {str(e).splitlines()[0]}"
     except (ImportError, ValueError, NotImplementedError) as e:
         return None, f"no {choice.target} kernel for {choice.describe()}: {e}"
+    if kernel is None:
+        return None, f"{choice.target} compiler unavailable"
+    return kernel, ""
