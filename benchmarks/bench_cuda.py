@@ -30,11 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bwta_compiler import formats  # noqa: E402
-from bwta_compiler.fused_attention import FusedAttentionParams  # noqa: E402
-from bwta_compiler.kernels import GemmParams  # noqa: E402
-from bwta_compiler.runtime import cuda as rcuda  # noqa: E402
-from bwta_compiler.select_cuda import DEFAULT_ROWS, write_table  # noqa: E402
+from bwta_compiler.runtime import cuda as rcuda
+
+from bwta_compiler import formats
+from bwta_compiler.fused_attention import FusedAttentionParams
+from bwta_compiler.kernels import GemmParams
+from bwta_compiler.select_cuda import DEFAULT_ROWS, write_table
 
 PAPER_SHAPES = [(13824, 5120), (5120, 13824), (22016, 8192), (8192, 22016)]  # (rows, K) at N=128 tokens
 MODEL_SHAPES = {
@@ -152,7 +153,6 @@ def bench_linear(m: int, rows: int, k: int, configs: list[tuple], results: list,
         row["speedup_vs_cublas"] = row["cublas_fp16_ms"] / best[0]
         if "best_mma_ms" in row and "best_popc_ms" in row:
             row["mma_over_popc_speed"] = row["best_popc_ms"] / row["best_mma_ms"]
-    del x, w16
     results.append(row)
     return row
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -41,7 +40,7 @@ class FusedAttentionParams:
     isa: str = "sm_90"
     warps: int = 0                # 0: chosen from the histogram's shared-memory size
 
-    def replace(self, **kw) -> "FusedAttentionParams":
+    def replace(self, **kw) -> FusedAttentionParams:
         import dataclasses
         return dataclasses.replace(self, **kw)
 
@@ -57,7 +56,7 @@ def score_scale(sq: Tensor, sk: Tensor, scale: float) -> Tensor:
     return sq.detach().float().reshape(()) * sk.detach().float().reshape(()) * scale
 
 
-def visibility(b: int, h: int, t: int, s: int, is_causal: bool, key_keep: Optional[Tensor],
+def visibility(b: int, h: int, t: int, s: int, is_causal: bool, key_keep: Tensor | None,
                device: torch.device) -> Tensor:
     vis = torch.ones(b, h, t, s, dtype=torch.bool, device=device)
     if is_causal:
@@ -95,8 +94,8 @@ def integer_softmax_bits(acc: Tensor, vis: Tensor, etab: Tensor, thr: Tensor, he
 
 
 def fused_attention_reference(q: Tensor, k: Tensor, v: Tensor, sq: Tensor, sk: Tensor, sv: Tensor, sp: Tensor,
-                              bp: Tensor, scale: Optional[float] = None, is_causal: bool = False,
-                              key_keep: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                              bp: Tensor, scale: float | None = None, is_causal: bool = False,
+                              key_keep: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
     """q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (float); scales are one-element tensors;
     ``key_keep`` [B, S] bool (True = attend).  Returns [B, H, T, Dv] in ``out_dtype`` (default q's)."""
     bsz, h, t, d = q.shape

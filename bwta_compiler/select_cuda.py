@@ -13,7 +13,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .kernels import GemmParams
 
@@ -49,7 +48,7 @@ def m_bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def load_table(path: Optional[str] = None) -> tuple[list[dict], str]:
+def load_table(path: str | None = None) -> tuple[list[dict], str]:
     """Rows of the measured table if one exists (else the defaults), and where they came from."""
     p = Path(path or os.environ.get("BWTA_CUDA_SELECT_TABLE", "") or _DEFAULT_TABLE_PATH)
     if p.is_file():
@@ -61,7 +60,7 @@ def load_table(path: Optional[str] = None) -> tuple[list[dict], str]:
     return list(DEFAULT_ROWS), "default"
 
 
-def choose_linear(m: int, n: int, k: int, arch: str, table: Optional[list[dict]] = None,
+def choose_linear(m: int, n: int, k: int, arch: str, table: list[dict] | None = None,
                   origin: str = "default") -> TileChoice:
     """The first row (in table order) whose arch, m_max, n_min and k_min fit."""
     if table is None:

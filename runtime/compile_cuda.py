@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from bwta_compiler.errors import CompileError
 
@@ -109,7 +108,7 @@ def nvrtc_version_string() -> str:
         return "unknown"
 
 
-def _check(nvrtc, err, what: str, log: str = "", source_path: Optional[str] = None) -> None:
+def _check(nvrtc, err, what: str, log: str = "", source_path: str | None = None) -> None:
     if int(err) != 0:
         _, msg = nvrtc.nvrtcGetErrorString(err)
         text = msg.decode() if isinstance(msg, (bytes, bytearray)) else str(msg)
@@ -117,7 +116,7 @@ def _check(nvrtc, err, what: str, log: str = "", source_path: Optional[str] = No
 
 
 def compile_source(source: str, source_path: str, options: CudaOptions,
-                   include_dirs: Optional[tuple[str, ...]] = None) -> CudaBuild:
+                   include_dirs: tuple[str, ...] | None = None) -> CudaBuild:
     """Compile ``source`` (already dumped at ``source_path``) to a cubin for ``options.arch``."""
     nvrtc = _nvrtc()
     includes = tuple(include_dirs) if include_dirs is not None else (header_dir(),)

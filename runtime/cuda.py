@@ -23,12 +23,11 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
 from bwta_compiler import codegen, formats
-from bwta_compiler.errors import CompileError
 from bwta_compiler.fused_attention import FusedAttentionParams, exp_table, score_scale
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
@@ -52,7 +51,7 @@ Params = Union[GemmParams, FusedAttentionParams]
 
 # ---- availability -----------------------------------------------------------------------------
 
-_AVAILABLE: Optional[bool] = None
+_AVAILABLE: bool | None = None
 _AVAIL_LOCK = threading.Lock()
 
 
@@ -88,7 +87,7 @@ def _probe() -> bool:
     return True
 
 
-def device_arch(device: Optional[int] = None) -> str:
+def device_arch(device: int | None = None) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
@@ -227,10 +226,11 @@ class CompiledKernel:
     resources: dict[str, compile_cuda.Resources] = field(default_factory=dict)
 
 
-def compile_params(params: Params, cfg=None, arch: Optional[str] = None) -> CompiledKernel:
+def compile_params(params: Params, cfg=None, arch: str | None = None) -> CompiledKernel:
     """Render and compile (through the kernel cache) for ``arch`` (default: the params' isa)."""
-    from bwta_compiler import config as _config
     from bwta_compiler.runtime.cache import CacheKey, default_cache
+
+    from bwta_compiler import config as _config
 
     cfg = cfg or _config.resolve()
     ks = kernel_source(params)
@@ -272,7 +272,7 @@ def _check(err, what: str) -> None:
 _VOIDP, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
-def _ptr(t: Optional[torch.Tensor]) -> tuple[int, type]:
+def _ptr(t: torch.Tensor | None) -> tuple[int, type]:
     return (t.data_ptr() if t is not None else 0), _VOIDP
 
 
@@ -295,7 +295,7 @@ class _Thresholds:
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple] = {}
 
-    def get(self, act: str, s: torch.Tensor, b: Optional[torch.Tensor], dtype: torch.dtype,
+    def get(self, act: str, s: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
         key = (act, id(s), id(b), dtype, str(device))
         hit = self._cache.get(key)
@@ -320,7 +320,7 @@ class _Thresholds:
 _THRESHOLDS = _Thresholds()
 
 
-def _f32(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+def _f32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(-1).contiguous()
 
 

@@ -1,6 +1,7 @@
 """CUDA kernel templates (``*.cu.jinja``) and the shared device header ``bwta_common.cuh``."""
 
-from bwta_compiler.kernels import register_template, templates as _registered
+from bwta_compiler.kernels import register_template
+from bwta_compiler.kernels import templates as _registered
 
 CUDA_TEMPLATES = {
     "linear_mma": "linear_mma.cu.jinja",      # BT linear on binary tensor cores, in-loop packing

@@ -20,7 +20,8 @@ from bwta_compiler.kernels import GemmParams
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings not installed")
 
-from bwta_compiler.runtime import compile_cuda, cuda as rcuda  # noqa: E402
+from bwta_compiler.runtime import compile_cuda
+from bwta_compiler.runtime import cuda as rcuda
 
 if not compile_cuda.nvrtc_available():
     pytest.skip("NVRTC library not found", allow_module_level=True)

@@ -16,7 +16,6 @@ from bwta_compiler.fused_attention import FusedAttentionParams, fused_attention_
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
 from bwta_compiler.reference import linear_reference, qbmm_reference
-
 from tests.emu import emulator
 
 if emulator.compiler() is None:

@@ -7,8 +7,6 @@ placed exactly on the quantizer thresholds to check strict comparisons.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

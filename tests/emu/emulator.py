@@ -17,9 +17,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bwta_compiler.fused_attention import FusedAttentionParams
 from bwta_compiler.runtime import compile_cuda
 from bwta_compiler.runtime import cuda as rcuda
+
+from bwta_compiler.fused_attention import FusedAttentionParams
 
 EMU_DIR = Path(__file__).resolve().parent
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="bwta-emu-"))
@@ -32,7 +33,7 @@ def compiler() -> str | None:
 
 def _signature(source: str, fname: str) -> list[str]:
     m = re.search(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?' + re.escape(fname) +
-                  r"\((.*?)\)\s*\{", source, re.S)
+                  r"\((.*?)\)\s*\{", source, re.DOTALL)
     if not m:
         raise ValueError(f"kernel {fname} not found")
     types = []

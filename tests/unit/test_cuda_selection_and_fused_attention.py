@@ -9,11 +9,10 @@ import json
 import pytest
 import torch
 
-from bwta_compiler import formats
+from bwta_compiler import formats, select_cuda
 from bwta_compiler.fused_attention import FusedAttentionParams, fused_attention_reference
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.modules import BWTAAttention
-from bwta_compiler import select_cuda
 
 
 def _attention(sp=0.05, bp=0.0):
