@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def compile_onnx(path: Union[str, os.PathLike, Any], quantize: Any = None, **options: Any):
+def compile_onnx(path: str | os.PathLike | Any, quantize: Any = None, **options: Any):
     """Import ``path`` (a file, a ``ModelProto`` or bytes; see :func:`import_model`) and return
     ``torch.compile(module, backend="bwta", options=options)``: the same pipeline as any torch model,
     with no ONNX-specific passes.  ``quantize=True`` or a :class:`~bwta_compiler.QuantConfig`

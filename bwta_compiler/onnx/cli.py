@@ -11,7 +11,8 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 COMPILE_HELP = "import an ONNX model, compile it with bwta and print the low-bit coverage report and kernel table"
 BENCH_HELP = "time an ONNX model compiled with bwta against the float model"
@@ -23,13 +24,13 @@ class Progress:
     def __init__(self, total: int, stream=None) -> None:
         self.total, self.i, self.stream = total, 0, stream or sys.stderr
 
-    def step(self, text: str) -> "Progress":
+    def step(self, text: str) -> Progress:
         self.i += 1
         self.t0 = time.perf_counter()
         print(f"[{self.i}/{self.total}] {text} ...", file=self.stream, flush=True)
         return self
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

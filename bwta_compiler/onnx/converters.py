@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import onnx
 import torch
@@ -29,13 +30,13 @@ from .importer import ONNX_TO_TORCH, Const, Ctx, Sym
 class Converter:
     fn: Callable
     fold: bool = True                   # fold when every input is known at import time
-    rank: Optional[Callable] = None     # rank of the output when shape inference did not give it
+    rank: Callable | None = None     # rank of the output when shape inference did not give it
 
 
 CONVERTERS: dict[tuple[str, str], Converter] = {}
 
 
-def register(*op_types: str, domain: str = "", fold: bool = True, rank: Optional[Callable] = None):
+def register(*op_types: str, domain: str = "", fold: bool = True, rank: Callable | None = None):
     """Register a converter for ``op_types`` of ``domain``; every name must be an op the domain defines."""
     def deco(fn: Callable) -> Callable:
         for op_type in op_types:
@@ -54,12 +55,12 @@ def register(*op_types: str, domain: str = "", fold: bool = True, rank: Optional
     return deco
 
 
-def _max_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+def _max_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
     ranks = [ctx.rank(v) for v in inputs if v is not None]
     return None if not ranks or any(r is None for r in ranks) else max(ranks)
 
 
-def _same_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+def _same_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
     return ctx.rank(inputs[0])
 
 
@@ -79,7 +80,7 @@ def onnx_unsqueeze(x: Tensor, axes: list) -> Tensor:
     return x
 
 
-def onnx_squeeze(x: Tensor, axes: Optional[list]) -> Tensor:
+def onnx_squeeze(x: Tensor, axes: list | None) -> Tensor:
     if axes is None:
         return x.squeeze()
     return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x
@@ -117,7 +118,7 @@ def onnx_expand(x: Tensor, shape: list) -> Tensor:
     return x.expand(torch.broadcast_shapes(x.shape, tuple(shape)))
 
 
-def onnx_layer_norm(x: Tensor, scale: Tensor, bias: Optional[Tensor], axis: int, eps: float) -> Tensor:
+def onnx_layer_norm(x: Tensor, scale: Tensor, bias: Tensor | None, axis: int, eps: float) -> Tensor:
     axis = axis % x.dim()
     shape = tuple(x.shape[axis:])
     if tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape):
@@ -143,7 +144,7 @@ def onnx_one_hot(idx: Tensor, depth: Any, values: Tensor, axis: int) -> Tensor:
     return out.movedim(-1, axis % out.dim())
 
 
-def onnx_split(x: Tensor, sizes: Optional[list], axis: int, n: int) -> tuple:
+def onnx_split(x: Tensor, sizes: list | None, axis: int, n: int) -> tuple:
     if sizes is None:
         dim = x.shape[axis]
         return torch.split(x, (dim + n - 1) // n, dim=axis)
@@ -155,7 +156,7 @@ def onnx_flatten(x: Tensor, axis: int) -> Tensor:
     return x.reshape(math.prod(x.shape[:axis]), -1)
 
 
-def onnx_reduce(kind: str, x: Tensor, axes: Optional[list], keepdims: bool) -> Tensor:
+def onnx_reduce(kind: str, x: Tensor, axes: list | None, keepdims: bool) -> Tensor:
     if axes is None:
         axes = list(range(x.dim()))
     dims = tuple(a % x.dim() for a in axes) if x.dim() else ()
@@ -171,7 +172,7 @@ def onnx_reduce(kind: str, x: Tensor, axes: Optional[list], keepdims: bool) -> T
     return fn(x, dims, keepdim=keepdims) if dims else x
 
 
-def onnx_gemm(a: Tensor, b: Tensor, c: Optional[Tensor], alpha: float, beta: float, trans_a: int, trans_b: int) -> Tensor:
+def onnx_gemm(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, beta: float, trans_a: int, trans_b: int) -> Tensor:
     a = a.transpose(0, 1) if trans_a else a
     b = b.transpose(0, 1) if trans_b else b
     y = a @ b
@@ -219,7 +220,7 @@ def _sym_broadcast(ctx: Ctx, op: Callable, a: Any, b: Any) -> Any:
     return ctx.make_sym([op(x, y) for x, y in zip(ia, ib)], scalar=sa and sb)
 
 
-def _binary(name: str, torch_fn: Callable, sym_fn: Optional[Callable]):
+def _binary(name: str, torch_fn: Callable, sym_fn: Callable | None):
     def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         a, b = inputs
         if sym_fn is not None and (isinstance(a, Sym) or isinstance(b, Sym)):
@@ -340,7 +341,7 @@ def convert_where(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     return ctx.call(torch.where, c, a, b)
 
 
-def _variadic(fn: Callable, sym_name: Optional[str] = None):
+def _variadic(fn: Callable, sym_name: str | None = None):
     def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         out = inputs[0]
         for v in inputs[1:]:
@@ -382,7 +383,7 @@ def _scope_name(ctx: Ctx, node, weight_name: str) -> str:
     return f"linear_{ctx.linear_count}"
 
 
-def _linear(ctx: Ctx, x: Any, w_kn: Tensor, bias: Optional[Tensor], name: str) -> Any:
+def _linear(ctx: Ctx, x: Any, w_kn: Tensor, bias: Tensor | None, name: str) -> Any:
     lin = nn.Linear(w_kn.shape[0], w_kn.shape[1], bias=bias is not None, dtype=w_kn.dtype)
     with torch.no_grad():
         lin.weight.copy_(w_kn.t())
@@ -448,7 +449,7 @@ def convert_layer_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     return y
 
 
-def _axes(ctx: Ctx, inputs: list, attrs: dict, pos: int = 1) -> Optional[list]:
+def _axes(ctx: Ctx, inputs: list, attrs: dict, pos: int = 1) -> list | None:
     if len(inputs) > pos and inputs[pos] is not None:
         return ctx.ints(inputs[pos], "axes")
     return attrs.get("axes")
@@ -466,7 +467,7 @@ def _reduce(kind: str):
     return conv
 
 
-def _reduce_rank(ctx: Ctx, inputs: list, attrs: dict) -> Optional[int]:
+def _reduce_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
     r = ctx.rank(inputs[0])
     if r is None or attrs.get("keepdims", 1):
         return r

@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import onnx
 import torch
@@ -130,7 +131,7 @@ def _auto_dynamic_shapes(example_inputs: Sequence[Any]) -> tuple:
     return tuple(out)
 
 
-def export(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any]], path: Union[str, os.PathLike], *,
+def export(model: nn.Module, example_inputs: Tensor | Sequence[Any], path: str | os.PathLike, *,
            opset_version: int = 18, dynamic_shapes: Any = "auto", external_data: bool = False,
            packed: bool = True, pad_bits: int = formats.DEFAULT_PAD_BITS, check: bool = True,
            verbose: bool = False, **export_kwargs: Any) -> onnx.ModelProto:

@@ -24,15 +24,15 @@ import operator
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Union
 
 import onnx
 import torch
-import torch.fx as fx
 from onnx import numpy_helper
-from torch import nn
+from torch import fx, nn
 
 from ..errors import OnnxImportError
 from . import schemas
@@ -80,8 +80,8 @@ Value = Union[fx.Node, Const, Sym, None]
 
 @dataclass
 class TypeInfo:
-    dtype: Optional[torch.dtype]
-    dims: Optional[list]          # per dim: int (static) or None (dynamic); None = rank unknown
+    dtype: torch.dtype | None
+    dims: list | None          # per dim: int (static) or None (dynamic); None = rank unknown
 
 
 def _sanitize(name: str, taken: set) -> str:
@@ -117,14 +117,14 @@ class Ctx:
         self.root = nn.Module()
         self._buffers: dict[int, fx.Node] = {}
         self._names: set = set()
-        self.node: Optional[onnx.NodeProto] = None
+        self.node: onnx.NodeProto | None = None
         self.fold = True
         self.linear_count = 0
         self.fused_linear = False
 
     # -- value helpers --------------------------------------------------------------------------
 
-    def dtype(self, v: Value) -> Optional[torch.dtype]:
+    def dtype(self, v: Value) -> torch.dtype | None:
         if isinstance(v, Const):
             return v.t.dtype
         if isinstance(v, Sym):
@@ -133,7 +133,7 @@ class Ctx:
             return v.meta.get("dtype")
         return None
 
-    def rank(self, v: Value) -> Optional[int]:
+    def rank(self, v: Value) -> int | None:
         if isinstance(v, Const):
             return v.t.dim()
         if isinstance(v, Sym):
@@ -142,7 +142,7 @@ class Ctx:
             return v.meta.get("rank")
         return None
 
-    def static_dims(self, v: Value) -> Optional[list]:
+    def static_dims(self, v: Value) -> list | None:
         if isinstance(v, Const):
             return list(v.t.shape)
         if isinstance(v, Sym):
@@ -169,7 +169,7 @@ class Ctx:
                 last = n
         return last
 
-    def sym(self, v: Value) -> Optional[list]:
+    def sym(self, v: Value) -> list | None:
         """Python-level int items of small int64/int32 0-d or 1-d data, or None."""
         if isinstance(v, Sym):
             return v.items
@@ -286,7 +286,7 @@ def _wrap_const(out: Any) -> Value:
 # ---- loading and validation ----------------------------------------------------------------------
 
 
-def _load(model: Union[str, os.PathLike, onnx.ModelProto, bytes]) -> tuple[onnx.ModelProto, str, Optional[str]]:
+def _load(model: str | os.PathLike | onnx.ModelProto | bytes) -> tuple[onnx.ModelProto, str, str | None]:
     """(model, display name, base dir for external data)."""
     if isinstance(model, onnx.ModelProto):
         return model, "<ModelProto>", None
@@ -316,7 +316,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def _load_external(model: onnx.ModelProto, where: str, base_dir: Optional[str]) -> None:
+def _load_external(model: onnx.ModelProto, where: str, base_dir: str | None) -> None:
     from onnx import external_data_helper as edh
     for t in edh._get_all_tensors(model):
         if not edh.uses_external_data(t):
@@ -407,7 +407,7 @@ def _short(items: list, n: int = 6) -> str:
     return s + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _type_info(vi: onnx.ValueInfoProto) -> Optional[TypeInfo]:
+def _type_info(vi: onnx.ValueInfoProto) -> TypeInfo | None:
     if not vi.type.HasField("tensor_type"):
         return None
     tt = vi.type.tensor_type
@@ -492,7 +492,7 @@ def _topo_order(graph: onnx.GraphProto, known: set, where: str) -> list[tuple[in
 # ---- the driver ---------------------------------------------------------------------------------
 
 
-def import_model(model: Union[str, os.PathLike, onnx.ModelProto, bytes], quantize: Any = None, *,
+def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: Any = None, *,
                  fused_linear: bool = False) -> fx.GraphModule:
     """Import an ONNX model as a ``torch.fx.GraphModule``.
 
@@ -627,5 +627,5 @@ def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: di
         env[name] = v
 
 
-__all__ = ["Const", "Ctx", "OPSET_MAX", "OPSET_MIN", "Sym", "import_model", "operator"]
+__all__ = ["OPSET_MAX", "OPSET_MIN", "Const", "Ctx", "Sym", "import_model", "operator"]
 _ = (Sequence,)

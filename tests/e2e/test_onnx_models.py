@@ -12,13 +12,13 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
-import torch  # noqa: E402
-from onnx.reference import ReferenceEvaluator  # noqa: E402
+import torch
+from onnx.reference import ReferenceEvaluator
 
-import bwta_compiler as bc  # noqa: E402
-from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig  # noqa: E402
-from bwta_compiler.modules import BWTALinear  # noqa: E402
-from bwta_compiler.onnx import bwta_op_counts, export, import_model  # noqa: E402
+import bwta_compiler as bc
+from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from bwta_compiler.modules import BWTALinear
+from bwta_compiler.onnx import bwta_op_counts, export, import_model
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-import torch  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import torch
+from onnx import TensorProto, helper, numpy_helper
 
-from bwta_compiler.errors import OnnxImportError  # noqa: E402
-from bwta_compiler.onnx import import_model  # noqa: E402
+from bwta_compiler.errors import OnnxImportError
+from bwta_compiler.onnx import import_model
 
 F32 = TensorProto.FLOAT
 
