@@ -1,0 +1,139 @@
+"""Markdown results table (benchmarks/results/accuracy<suffix>.md) from the experiments' JSON files,
+with the paper's claims checked against the measured numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def _load(name):
+    p = common.RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _yn(b):
+    return "holds" if b else "does NOT hold"
+
+
+def classification_section(r) -> list[str]:
+    a, s = r["args"], r["sizes"]
+    out = [f"### MiniLM on {r['task']} ({s['train']} train / {s['test']} test examples, majority {100 * s['majority']:.1f}%)",
+           "",
+           f"Run size: max_len {a['max_len']}, batch {a['batch']}, float fine-tuning {a['float_steps']} steps, "
+           f"{a['qat_steps']} QAT steps per BWTA variant, seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
+           f"{r['machine'].get('threads')} thread(s), {r['machine']['date']}, commit {r['machine'].get('commit', '?')}; "
+           f"{r.get('seconds', 0) / 60:.0f} min.", "",
+           "| model | test accuracy % (mean ± std) | 95% bootstrap CI (seed 0) | drop vs float (points) |",
+           "|---|---|---|---|"]
+    summ = r.get("summary") or {}
+    if not summ:  # partial run
+        for v, runs in r["runs"].items():
+            summ[v] = {"label": v, "acc_mean": runs[0]["acc"], "acc_std": 0.0, "seeds": len(runs),
+                       "ci95_seed0": runs[0]["ci95"], "drop_vs_float": r["runs"]["float"][0]["acc"] - runs[0]["acc"]}
+    for v, x in summ.items():
+        out.append(f"| {x['label']} | {100 * x['acc_mean']:.2f} ± {100 * x['acc_std']:.2f} (n={x['seeds']}) | "
+                   f"[{100 * x['ci95_seed0'][0]:.1f}, {100 * x['ci95_seed0'][1]:.1f}] | {100 * x['drop_vs_float']:+.2f} |")
+    out.append("")
+    if all(k in summ for k in ("smq", "direct", "binary")):
+        f = summ["float"]["acc_mean"]
+        sm, di, bi = summ["smq"]["acc_mean"], summ["direct"]["acc_mean"], summ["binary"]["acc_mean"]
+        out.append(f"- SMQ closer to float than direct: {_yn(sm > di)} ({100 * sm:.2f} vs {100 * di:.2f}).")
+        out.append(f"- SMQ and direct both far above binary activations: {_yn(min(sm, di) > bi)} "
+                   f"(binary {100 * bi:.2f}).")
+        out.append(f"- Goal, SMQ within 3.5 points of float: {_yn(f - sm <= 0.035)} ({100 * (f - sm):.2f} points).")
+    if "noproj" in summ and "smq" in summ:
+        out.append(f"- Projection factor helps (SMQ vs SMQ without projection): "
+                   f"{_yn(summ['smq']['acc_mean'] > summ['noproj']['acc_mean'])} "
+                   f"({100 * summ['smq']['acc_mean']:.2f} vs {100 * summ['noproj']['acc_mean']:.2f}).")
+    cc = r.get("compiled_check")
+    if cc:
+        out.append(f"- Compiled (`backend=\"bwta\"`) vs eager on the test set: {json.dumps(cc)}")
+    out.append("")
+    return out
+
+
+def _probe_stats(res):
+    pr = res.get("switch_probes") or []
+    if not pr:
+        return None
+    jump = [p["after"] / p["before"] for p in pr]
+    later = {k: [p["later"].get(str(k), p["later"].get(k)) for p in pr] for k in (1, 5, 20)}
+    rec = {k: sum(v for v in vs if v is not None) / max(1, sum(v is not None for v in vs)) for k, vs in later.items()}
+    return {"n": len(pr), "mean_jump": sum(jump) / len(jump), "max_jump": max(jump),
+            "after": sum(p["after"] for p in pr) / len(pr), "later": rec}
+
+
+def lm_section(r) -> list[str]:
+    a, m, c = r["args"], r["model"], r["corpus"]
+    res = r["results"]
+    fp = res["float"]["ppl"]
+    out = ["### Tiny LLaMA-style LM, Wikipedia + news (trained from scratch)", "",
+           f"Run size: {m['params']:,} parameters (hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}), "
+           f"seq {a['seq']}, batch {a['batch']}, {c['train_tokens']:,} training tokens from {c['train_docs']} documents, "
+           f"validation on the first {c['eval_tokens']:,} tokens of {c['val_docs']} held-out documents; float "
+           f"{a['float_steps']} steps, {a['qat_steps']} distillation steps per BWTA variant (from the float model); "
+           f"seed {a['seed']}; {r['machine'].get('cpu', '')}, {r['machine']['date']}, {r.get('seconds', 0) / 60:.0f} min.", "",
+           "| model | schedule | val PPL | vs float | final train loss (50-step mean) |", "|---|---|---|---|---|"]
+    for n, x in res.items():
+        fl = x["loss"][-50:]
+        out.append(f"| {x.get('label', n)} | {x.get('schedule', 'float')} | {x['ppl']:.2f} | "
+                   f"{100 * (x['ppl'] / fp - 1):+.1f}% | {sum(fl) / len(fl):.4f} |")
+    out.append("")
+    st = {n: _probe_stats(x) for n, x in res.items() if n != "float"}
+    st = {n: s for n, s in st.items() if s}
+    if st:
+        out += ["Stage switches, distillation loss on a fixed held-out batch (mean over the switches): ratio "
+                "after/before the switch, and the loss right after it and 1 / 5 / 20 training steps later.", "",
+                "| variant | switches | mean jump after/before | max jump | loss after | +1 step | +5 | +20 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for n, s in st.items():
+            out.append(f"| {res[n].get('label', n)} | {s['n']} | {s['mean_jump']:.3f} | {s['max_jump']:.3f} | "
+                       f"{s['after']:.3f} | {s['later'][1]:.3f} | {s['later'][5]:.3f} | {s['later'][20]:.3f} |")
+        out.append("")
+    if all(k in res for k in ("smq", "direct", "binary")):
+        sm, di, bi = res["smq"]["ppl"], res["direct"]["ppl"], res["binary"]["ppl"]
+        out.append(f"- SMQ closer to float than direct: {_yn(sm < di)} (PPL {sm:.2f} vs {di:.2f}).")
+        out.append(f"- both far better than binary activations: {_yn(max(sm, di) < bi)} (binary {bi:.2f}).")
+        out.append(f"- Goal, SMQ PPL within 15% of float: {_yn(sm <= 1.15 * fp)} ({100 * (sm / fp - 1):+.1f}%).")
+    if "smq" in st and "bitwise" in st:
+        out.append(f"- Levelwise recovers faster than bitwise at switches: "
+                   f"{_yn(st['smq']['max_jump'] < st['bitwise']['max_jump'])} (largest jump "
+                   f"{st['smq']['max_jump']:.3f} vs {st['bitwise']['max_jump']:.3f}); final PPL "
+                   f"{res['smq']['ppl']:.2f} vs {res['bitwise']['ppl']:.2f}.")
+    inits = [n for n in ("smq", "none", "mean", "search") if n in st]
+    if len(inits) > 1:
+        # Loss levels before a switch differ between variants, so "closest start" compares the jump ratio.
+        best_start = min(inits, key=lambda n: st[n]["mean_jump"])
+        best_end = min(inits, key=lambda n: res[n]["ppl"])
+        out.append(f"- Projection starts closest (smallest mean loss jump at switches): {_yn(best_start == 'smq')} "
+                   f"(lowest: {res[best_start].get('label', best_start)}); converges best (lowest final PPL): "
+                   f"{_yn(best_end == 'smq')} (lowest: {res[best_end].get('label', best_end)}).")
+    out.append("")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suffix", default="")
+    args = ap.parse_args(argv)
+    lines = ["## Accuracy (SMQ training, real weights and text, CPU)", ""]
+    for t in ("rt", "20ng"):
+        r = _load(f"classify_{t}{args.suffix}")
+        if r:
+            lines += classification_section(r)
+    r = _load(f"lm{args.suffix}")
+    if r:
+        lines += lm_section(r)
+    p = common.RESULTS / f"accuracy{args.suffix}.md"
+    p.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
