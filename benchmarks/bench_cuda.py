@@ -249,6 +249,16 @@ def main() -> int:
     mma_cfgs = [("mma", 32, 128, 4, 1), ("mma", 64, 128, 2, 2), ("mma", 16, 128, 2, 2)]
     popc_cfgs = [("popc", 8, 16, 1, 4), ("popc", 1, 16, 1, 4)]
 
+    # Compile every kernel of the run up front, in parallel threads (NVRTC releases the GIL).
+    t_pc = time.time()
+    pre = [linear_params(r, k, *c) for r, k in PAPER_SHAPES for c in mma_cfgs + popc_cfgs[:1]]
+    if not args.quick:
+        pre += [linear_params(r, k, *c) for shapes in MODEL_SHAPES.values() for r, k in shapes
+                for c in mma_cfgs + popc_cfgs]
+    pre += [FusedAttentionParams(128, 128, causal=c, in_dtype="float16", out_dtype="float16") for c in (False, True)]
+    n_pre = rcuda.precompile(pre)
+    print(f"bench_cuda: {n_pre}/{len(pre)} kernels compiled or cached in {time.time() - t_pc:.1f}s")
+
     def guarded(what: str, fn, *a) -> None:
         # One failing measurement must not cost the rest of the run (device time is scarce).
         try:

@@ -23,7 +23,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -226,7 +226,7 @@ class CompiledKernel:
     resources: dict[str, compile_cuda.Resources] = field(default_factory=dict)
 
 
-def compile_params(params: Params, cfg=None, arch: str | None = None) -> CompiledKernel:
+def compile_params(params: Params, cfg=None, arch: str | None = None, cache=None) -> CompiledKernel:
     """Render and compile (through the kernel cache) for ``arch`` (default: the params' isa)."""
     from bwta_compiler.runtime.cache import CacheKey, default_cache
 
@@ -245,7 +245,7 @@ def compile_params(params: Params, cfg=None, arch: str | None = None) -> Compile
         artifact_path.write_bytes(res.cubin)
         return res.log
 
-    entry = default_cache(cfg).lookup_or_build(key, ks.source, f"{ks.name}.cubin", build,
+    entry = (cache or default_cache(cfg)).lookup_or_build(key, ks.source, f"{ks.name}.cubin", build,
                                                force=bool(getattr(cfg, "always_compile", False)))
     cubin = Path(entry.artifact_path).read_bytes()
     return CompiledKernel(ks, cubin, entry.log, str(entry.artifact_path), str(entry.source_path),
@@ -553,3 +553,39 @@ def _load(params: Params, cfg) -> LoadedKernel:
                 k = cls(params, compile_params(params, cfg, params.isa))
             _LOADED[key] = k
         return k
+
+
+def precompile(params_list: list, arch: Optional[str] = None, workers: int = 0) -> int:
+    """Fill the kernel cache for many params at once: NVRTC releases the GIL, so worker threads
+    compile in parallel (each through its own KernelCache handle on the same root, since one
+    handle serialises its builds; entries are still locked on disk).  Returns how many kernels
+    were built or found; failures are left for the real load to report."""
+    import concurrent.futures as cf
+    import os
+
+    from bwta_compiler import config as _config
+    from bwta_compiler.runtime.cache import KernelCache
+    from bwta_compiler.select_cuda import linear_params
+
+    arch = arch or (device_arch() if torch.cuda.is_available() else "sm_90")
+    cfg = _config.resolve()
+    todo = []
+    for p in params_list:
+        p = p.replace(isa=arch)
+        if isinstance(p, GemmParams) and p.impl == "auto":
+            todo += [linear_params(p, m, arch) for m in (1, 8, 16, 128, 4096)]
+        else:
+            todo.append(p)
+    todo = list(dict.fromkeys(todo))
+
+    def one(p) -> bool:
+        try:
+            cache = KernelCache(cfg.cache_dir, enabled=cfg.cache, size_limit_mb=cfg.cache_size_mb)
+            compile_params(p, cfg, arch, cache=cache)
+            return True
+        except Exception:  # noqa: BLE001  (reported again by the real load)
+            return False
+
+    workers = workers or max(1, min(len(todo), (os.cpu_count() or 2), 16))
+    with cf.ThreadPoolExecutor(workers) as ex:
+        return sum(ex.map(one, todo))

@@ -79,12 +79,7 @@ LINEAR_GRID = [(c, TILES[i % 4]) for i, c in enumerate(LINEAR_CASES)] + \
                               for c, t in LINEAR_GRID])
 def test_linear_equals_reference(case, tile):
     act, k, n, ind, outd, has_bias, per_col = case
-    impl, tm, tn, wm, wn = tile
-    variant = "bb" if act == "binary" else "bt"
-    p = GemmParams(variant, act, "binary", k=k, kw=formats.num_words(k), n=n, has_scale=True, scale_per_col=per_col,
-                   has_bias=has_bias, in_dtype=ind, out_dtype=outd, impl=impl, tile_m=tm, tile_n=tn, warps_m=wm,
-                   warps_n=wn)
-    kern = _rt().load_kernel(p)
+    kern = _rt().load_kernel(_linear_params(case, tile))
     s, b = _scalars(act)
     w = formats.pack_binary_codes(torch.where(torch.rand(n, k, device=DEV) < 0.5, -1.0, 1.0))
     scale = (torch.rand(n if per_col else 1, device=DEV) + 0.01)
@@ -150,11 +145,8 @@ QBMM_CASES = [
 @pytest.mark.parametrize("case", QBMM_CASES, ids=lambda c: f"{c[0]}-{c[8]}-m{c[2]}n{c[3]}k{c[4]}-kn{int(c[5])}-{c[6]}")
 def test_qbmm_equals_reference(case):
     variant, batch, m, n, k, b_kn, ind, outd, impl = case
-    a_act, b_act = {"tt": ("ternary", "ternary"), "ut": ("bool", "ternary"), "bb": ("binary", "binary")}[variant]
-    tiles = dict(tile_m=64, tile_n=64, warps_m=2, warps_n=2) if impl == "mma" else dict(tile_m=16, tile_n=16)
-    p = GemmParams(variant, a_act, b_act, k=k, kw=formats.num_words(k), op="qbmm", b_kn=b_kn, scale_per_col=False,
-                   in_dtype=ind, out_dtype=outd, impl=impl, **tiles)
-    kern = _rt().load_kernel(p)
+    a_act, b_act = ACTS[variant]
+    kern = _rt().load_kernel(_qbmm_params(case))
     a_s, a_b = _scalars(a_act)
     b_s, b_b = _scalars(b_act)
     a = _x((*batch, m, k), DT[ind], a_s, a_b, a_act)
@@ -178,8 +170,7 @@ ATTN_CASES = [
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}t{c[3]}s{c[4]}d{c[5]}-c{int(c[7])}m{int(c[8])}-{c[9]}")
 def test_fused_attention_equals_reference(case):
     bsz, h, hkv, t, s, d, dv, causal, mask, dt = case
-    fp = FusedAttentionParams(d, dv, causal=causal, has_mask=mask, in_dtype=dt, out_dtype=dt)
-    kern = _rt().load_kernel(fp)
+    kern = _rt().load_kernel(_attn_params(case))
     dtype = DT[dt]
     sq, sk, sv = (torch.tensor(0.5 + torch.rand(()).item(), device=DEV) for _ in range(3))
     sp = torch.tensor(0.02 + 0.05 * torch.rand(()).item(), device=DEV)
@@ -194,6 +185,37 @@ def test_fused_attention_equals_reference(case):
     want = fused_attention_reference(q, k, v, sq, sk, sv, sp, bp, None, causal, keep, None)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+ACTS = {"tt": ("ternary", "ternary"), "ut": ("bool", "ternary"), "bb": ("binary", "binary")}
+
+
+def _linear_params(case, tile) -> GemmParams:
+    act, k, n, ind, outd, has_bias, per_col = case
+    impl, tm, tn, wm, wn = tile
+    return GemmParams("bb" if act == "binary" else "bt", act, "binary", k=k, kw=formats.num_words(k), n=n,
+                      has_scale=True, scale_per_col=per_col, has_bias=has_bias, in_dtype=ind, out_dtype=outd,
+                      impl=impl, tile_m=tm, tile_n=tn, warps_m=wm, warps_n=wn)
+
+
+def _qbmm_params(case) -> GemmParams:
+    variant, batch, m, n, k, b_kn, ind, outd, impl = case
+    tiles = {"tile_m": 64, "tile_n": 64, "warps_m": 2, "warps_n": 2} if impl == "mma" else {"tile_m": 16, "tile_n": 16}
+    return GemmParams(variant, *ACTS[variant], k=k, kw=formats.num_words(k), op="qbmm", b_kn=b_kn,
+                      scale_per_col=False, in_dtype=ind, out_dtype=outd, impl=impl, **tiles)
+
+
+def _attn_params(case) -> FusedAttentionParams:
+    bsz, h, hkv, t, s, d, dv, causal, mask, dt = case
+    return FusedAttentionParams(d, dv, causal=causal, has_mask=mask, in_dtype=dt, out_dtype=dt)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precompile():
+    """Compile every kernel of this module up front, in parallel (NVRTC releases the GIL)."""
+    params = [_linear_params(c, t) for c, t in LINEAR_GRID] + [_qbmm_params(c) for c in QBMM_CASES] + \
+             [_attn_params(c) for c in ATTN_CASES]
+    _rt().precompile(params)
 
 
 def test_fused_attention_negative_offset_sets_masked_bits():
