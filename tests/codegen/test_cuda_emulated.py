@@ -98,6 +98,7 @@ QBMM = [
     ("ut", (2,), 5, 16, 77, True, "float16", "float16", "popc"),
     ("bb", (2,), 13, 22, 72, False, "float16", "float32", "mma"),
     ("bb", (1,), 13, 22, 40, True, "bfloat16", "float32", "popc"),
+    ("tt", (1,), 70, 66, 128, False, "float16", "float16", "mma64"),   # the GPU tests' 64x64 tiles
 ]
 
 
@@ -105,7 +106,9 @@ QBMM = [
 def test_emulated_qbmm_equals_reference(case):
     variant, batch, m, n, k, b_kn, ind, outd, impl = case
     a_act, b_act = {"tt": ("ternary", "ternary"), "ut": ("bool", "ternary"), "bb": ("binary", "binary")}[variant]
-    tiles = dict(tile_m=32, tile_n=32, warps_m=2, warps_n=2) if impl == "mma" else dict(tile_m=8, tile_n=8)
+    tiles = {"tile_m": 32, "tile_n": 32, "warps_m": 2, "warps_n": 2} if impl == "mma" else {"tile_m": 8, "tile_n": 8}
+    if impl == "mma64":
+        impl, tiles = "mma", {"tile_m": 64, "tile_n": 64, "warps_m": 2, "warps_n": 2}
     p = GemmParams(variant, a_act, b_act, k=k, kw=formats.num_words(k), op="qbmm", b_kn=b_kn, scale_per_col=False,
                    in_dtype=ind, out_dtype=outd, impl=impl, **tiles)
     kern = emulator.emulated_kernel(p)
@@ -126,6 +129,7 @@ ATTN = [
     (2, 1, 1, 17, 40, 40, 24, False, True, "bfloat16", 0.0),
     (1, 1, 1, 20, 140, 16, 16, True, True, "float16", -0.05),   # thr < 0: masked keys' bits are 1
     (1, 2, 2, 1, 45, 64, 64, True, False, "float16", 0.0),      # decode step
+    (1, 1, 1, 18, 35, 128, 128, True, False, "float16", 0.0),   # the benchmark's head dim (2 warps)
 ]
 
 
