@@ -149,3 +149,35 @@ def test_emulated_fused_attention_equals_reference(case):
     want = fused_attention_reference(q, k, v, sq, sk, sv, sp, bp, None, causal, keep, None)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_emulated_kernels_through_the_fused_ops():
+    """The loaded kernels plug into bwta::linear / bwta::qbmm with the registry signatures."""
+    from bwta_compiler import kernel_registry
+
+    k, n = 96, 24
+    lin = emulator.emulated_kernel(GemmParams("bt", "ternary", "binary", k=k, kw=formats.num_words(k), n=n,
+                                              has_bias=True, in_dtype="float16", out_dtype="float16", impl="popc",
+                                              tile_m=8, tile_n=16, warps_n=4))
+    kernel_registry.register("emu_linear", lin)
+    s, _ = _scalars("ternary")
+    x = _x((3, 5, k), torch.float16, s)
+    w = formats.pack_binary_codes(torch.where(torch.rand(n, k) < 0.5, -1.0, 1.0))
+    scale, bias = torch.rand(n), torch.randn(n)
+    got = torch.ops.bwta.linear(x, s, None, "ternary", w, k, scale, bias, torch.float16, 64, "emu_linear")
+    want = torch.ops.bwta.linear(x, s, None, "ternary", w, k, scale, bias, torch.float16, 64, "")
+    assert torch.equal(got, want)
+
+    qb = emulator.emulated_kernel(GemmParams("ut", "bool", "ternary", k=40, kw=formats.num_words(40), op="qbmm",
+                                             b_kn=True, scale_per_col=False, in_dtype="float32",
+                                             out_dtype="float32", impl="mma", tile_m=32, tile_n=32, warps_m=2,
+                                             warps_n=2))
+    kernel_registry.register("emu_qbmm", qb)
+    a_s, a_b = _scalars("bool")
+    b_s, _ = _scalars("ternary")
+    a = _x((2, 9, 40), torch.float32, a_s, a_b, "bool")
+    b = _x((2, 40, 16), torch.float32, b_s)
+    sc = torch.rand(1)
+    got = torch.ops.bwta.qbmm(a, "bool", a_s, a_b, b, "ternary", b_s, None, True, sc, None, torch.float32, 64, "emu_qbmm")
+    want = torch.ops.bwta.qbmm(a, "bool", a_s, a_b, b, "ternary", b_s, None, True, sc, None, torch.float32, 64, "")
+    assert torch.equal(got, want)
