@@ -8,6 +8,9 @@ a GPU; tests/cuda repeats the same comparisons on the real device.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,7 +19,8 @@ from bwta_compiler.fused_attention import FusedAttentionParams, fused_attention_
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
 from bwta_compiler.reference import linear_reference, qbmm_reference
-from tests.emu import emulator
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.emu
+from tests.emu import emulator  # noqa: E402
 
 if emulator.compiler() is None:
     pytest.skip("no C++ compiler for the host emulator", allow_module_level=True)
