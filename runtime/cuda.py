@@ -159,6 +159,10 @@ def qbmm_source(p: GemmParams) -> KernelSource:
     acts = {"tt": ("ternary", "ternary"), "ut": ("bool", "ternary"), "bb": ("binary", "binary")}
     if p.variant not in acts or acts[p.variant] != (p.a_act, p.b_act):
         raise ValueError(f"qbmm variant {p.variant} needs acts {acts.get(p.variant)}, got ({p.a_act}, {p.b_act})")
+    if p.in_dtype not in DT_CODE or p.out_dtype not in DT_CODE:
+        raise ValueError(f"CUDA qbmm supports fp32/fp16/bf16, got in={p.in_dtype} out={p.out_dtype}")
+    if p.impl not in ("mma", "popc"):
+        raise ValueError(f"impl must be 'mma' or 'popc', got {p.impl!r}")
     if p.impl == "mma" and (p.tile_m % (8 * p.warps_m) or p.tile_n % (8 * p.warps_n)):
         raise ValueError(f"mma tiles must split into 8x8 warp tiles: {p}")
     if p.impl == "popc" and p.tile_m * p.tile_n > 1024:
