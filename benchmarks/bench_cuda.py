@@ -243,6 +243,7 @@ def main() -> int:
         return 2
     budget = Budget(args.budget_s)
     info = gpu_info()
+    info["stamp"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d_%H%M%S")
     print("bench_cuda:", json.dumps(info))
     results: list = []
 
@@ -263,6 +264,7 @@ def main() -> int:
         # One failing measurement must not cost the rest of the run (device time is scarce).
         try:
             fn(*a)
+            save(results, info, budget, args)
         except Exception as e:  # noqa: BLE001
             print(f"bench_cuda: {what} failed: {type(e).__name__}: {e}")
             results.append({"kind": "error", "label": what, "error": f"{type(e).__name__}: {e}"[:500]})
@@ -290,14 +292,20 @@ def main() -> int:
                     guarded(f"linear {model} M={m} {rows}x{k}", bench_linear, m, rows, k,
                             cfgs if args.tune else cfgs[:2], results, model, budget)
 
-    table = fmt_table(results)
-    print(table)
+    save(results, info, budget, args, final=True)
+    return 0
+
+
+def save(results: list, info: dict, budget: Budget, args, final: bool = False) -> None:
+    """Write gpu_<stamp>.json/.md (again after every measurement, so a run cut short by its time
+    limit still leaves its table), plus cuda_select.json with --tune; copy to $OUT if set."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    doc = {"info": info, "results": results, "budget_left_s": budget.left()}
+    stamp = info["stamp"]
+    table = fmt_table(results)
+    doc = {"info": info, "results": results, "budget_left_s": budget.left(), "complete": final}
     (out_dir / f"gpu_{stamp}.json").write_text(json.dumps(doc, indent=1))
-    md = [f"# CUDA kernel benchmark {info['date']}", "",
+    md = [f"# CUDA kernel benchmark {info['date']}{'' if final else ' (partial)'}", "",
           f"GPU {info['gpu']} ({info['capability']}), driver {info.get('driver', info.get('cuda_driver_api'))}, "
           f"torch {info['torch']}, NVRTC {info['nvrtc']}", "", table, ""]
     (out_dir / f"gpu_{stamp}.md").write_text("\n".join(md))
@@ -307,12 +315,13 @@ def main() -> int:
             write_table(rows, str(out_dir / "cuda_select.json"), {"source": f"gpu_{stamp}.json", **info})
     dest = os.environ.get("OUT")
     if dest:
-        for f in out_dir.glob(f"*{stamp}*"):
+        for f in out_dir.glob(f"gpu_{stamp}.*"):
             shutil.copy(f, dest)
-        if (out_dir / "cuda_select.json").exists():
+        if args.tune and (out_dir / "cuda_select.json").exists():
             shutil.copy(out_dir / "cuda_select.json", dest)
-    print(f"bench_cuda: wrote {out_dir}/gpu_{stamp}.json and .md")
-    return 0
+    if final:
+        print(table)
+        print(f"bench_cuda: wrote {out_dir}/gpu_{stamp}.json and .md")
 
 
 def tune_rows(results: list, arch: str) -> list:
