@@ -35,7 +35,7 @@ from bwta_compiler.runtime import cuda as rcuda
 from bwta_compiler import formats
 from bwta_compiler.fused_attention import FusedAttentionParams
 from bwta_compiler.kernels import GemmParams
-from bwta_compiler.select_cuda import DEFAULT_ROWS, write_table
+from bwta_compiler.select_cuda import write_table
 
 PAPER_SHAPES = [(13824, 5120), (5120, 13824), (22016, 8192), (8192, 22016)]  # (rows, K) at N=128 tokens
 MODEL_SHAPES = {
@@ -336,8 +336,7 @@ def tune_rows(results: list, arch: str) -> list:
     for m in sorted(votes):
         impl, tm, tn, wm, wn = votes[m].most_common(1)[0][0]
         rows.append({"arch": arch, "m_max": m, "impl": impl, "tile_m": tm, "tile_n": tn, "warps_m": wm, "warps_n": wn})
-    if rows:
-        rows[-1] = dict(rows[-1], m_max=DEFAULT_ROWS[-1]["m_max"])
+    # M above the largest measured bucket keeps the built-in guess (select_cuda appends them).
     return rows
 
 
