@@ -212,6 +212,8 @@ def test_bwta_export_checker_and_roundtrip(models, bwta_files, case):
     counts = bwta_op_counts(proto)
     n_linear = sum(isinstance(m, BWTALinear) for m in models["q" + kind].modules())
     assert counts["Linear"] == n_linear and counts["TernaryCode"] == 6 and counts["BoolCode"] == 2
+    from bwta_compiler.onnx.reference_ops import evaluator
+    ref_eval = evaluator(str(path))
     wp = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT32]
     assert len(wp) >= n_linear         # packed binary weights stored as int32 initializers
     for fused in (False, True):
@@ -233,6 +235,13 @@ def test_bwta_export_checker_and_roundtrip(models, bwta_files, case):
             if kind == "dec":          # V caches are BWTA linear outputs reshaped: exact
                 for g, e in zip(got[2::2], expected[2::2]):
                     assert torch.equal(g, e)
+            if not fused:              # the NumPy ai.bwta ops: an oracle independent of torch
+                ref = ref_eval.run(None, {n: a.numpy() for n, a in zip(gm.onnx_input_names, args)})
+                for g, r in zip(got, ref):
+                    assert rel_err(g, r) <= RTOL
+                if kind == "dec":
+                    for g, r in zip(got[2::2], ref[2::2]):
+                        np.testing.assert_array_equal(g.numpy(), r)
 
 
 def test_unpacked_export_keeps_binary_code(models, tmp_path):
