@@ -493,7 +493,7 @@ def _topo_order(graph: onnx.GraphProto, known: set, where: str) -> list[tuple[in
 
 
 def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: Any = None, *,
-                 fused_linear: bool = False) -> fx.GraphModule:
+                 fused_linear: bool = False, quantizers: str = "off") -> fx.GraphModule:
     """Import an ONNX model as a ``torch.fx.GraphModule``.
 
     ``model``: a path (external data files are resolved relative to it), a ``ModelProto`` or the
@@ -512,6 +512,10 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
     which the ``bwta`` backend fuses into one kernel like any quantized torch model;
     ``fused_linear=True`` emits one ``bwta::linear`` call instead (same results, bit for bit).
 
+    ``quantizers``: ``"off"`` (default), ``"lenient"`` or ``"strict"``: recognise quantizers written
+    in standard ONNX ops (``Clip(Round(Div(x, s)))`` chains, ``Sign``) and import them as ``bwta::``
+    code ops; see :mod:`bwta_compiler.onnx.quantizers` for the patterns and what strict means.
+
     Raises :class:`~bwta_compiler.errors.OnnxImportError` for anything it cannot import.
     """
     from .converters import CONVERTERS
@@ -523,6 +527,10 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
             proto = onnx.inliner.inline_local_functions(proto)
         except Exception as e:
             raise OnnxImportError(f"{where}: cannot inline the model's local functions: {e}") from None
+    if quantizers != "off":
+        from .quantizers import rewrite_quantizers
+        proto, _ = rewrite_quantizers(proto, quantizers, where)
+        opset, domains = _opsets(proto, where)
     _check_nodes(proto, where, domains, CONVERTERS)
     proto_w = onnx.ModelProto()
     proto_w.CopyFrom(proto)

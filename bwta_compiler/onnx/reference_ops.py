@@ -55,28 +55,28 @@ def unpack_binary(words: np.ndarray, k: int) -> np.ndarray:
 class TernaryCode(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, s, levels=None):  # noqa: D102
+    def _run(self, x, s, levels=None):
         return (ternary_codes(x, s, levels or 1),)
 
 
 class BoolCode(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, s, b, levels=None):  # noqa: D102
+    def _run(self, x, s, b, levels=None):
         return (bool_codes(x, s, b, levels or 1),)
 
 
 class SignCode(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, s):  # noqa: D102
+    def _run(self, x, s):
         return (sign_codes(x),)
 
 
 class BinaryCode(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, w):  # noqa: D102
+    def _run(self, w):
         d = w - w.mean(-1, keepdims=True, dtype=w.dtype)
         codes = np.where(d >= 0, 1, -1).astype(w.dtype)
         return codes, np.abs(d.astype(np.float32)).mean(-1, dtype=np.float32)
@@ -85,7 +85,7 @@ class BinaryCode(OpRun):
 class Linear(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, s, b, wp, scale, bias=None, act=None, k=None, pad_bits=None, out_dtype=None):  # noqa: D102
+    def _run(self, x, s, b, wp, scale, bias=None, act=None, k=None, pad_bits=None, out_dtype=None):
         if act == "ternary":
             cx = ternary_codes(x, s)
         elif act == "bool":

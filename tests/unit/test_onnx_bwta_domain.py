@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-import torch  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import torch
+from onnx import TensorProto, helper, numpy_helper
 
-from bwta_compiler import formats, ops  # noqa: E402
-from bwta_compiler.onnx import import_model, schemas  # noqa: E402
-from bwta_compiler.onnx.reference_ops import evaluator  # noqa: E402
+from bwta_compiler import formats, ops
+from bwta_compiler.onnx import import_model, schemas
+from bwta_compiler.onnx.reference_ops import evaluator
 
 F32 = TensorProto.FLOAT
 rng = np.random.default_rng(1)
