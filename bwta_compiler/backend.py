@@ -14,7 +14,8 @@ import copy
 import functools
 import logging
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -32,7 +33,7 @@ from .report import GraphReport, add_graph
 log = logging.getLogger("bwta_compiler.backend")
 
 
-def bwta_backend(gm: GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None, **kwargs: Any):
+def bwta_backend(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kwargs: Any):
     """Dynamo backend entry: ``torch.compile(model, backend="bwta", options={...})``."""
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(f"bwta backend: unsupported mode {kwargs['mode']!r}; pass settings through options=")
@@ -86,7 +87,7 @@ def _compile_training(gm: GraphModule, example_inputs, cfg: Config, graph_id: in
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
-    eager = lambda g, _inputs: make_boxed_func(g.forward)  # noqa: E731
+    eager = lambda g, _inputs: make_boxed_func(g.forward)
     return aot_autograd(fw_compiler=eager, bw_compiler=eager)(gm, example_inputs)
 
 

@@ -20,7 +20,7 @@ from .kernels import template_file
 _ALLOWED_TYPES = (bool, int, float, str, type(None))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def environment(target: str) -> jinja2.Environment:
     return jinja2.Environment(
         # The templates package is mapped from the repo root (package-dir), so load it by its own

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 
 def _default_cache_dir() -> str:
@@ -51,7 +52,7 @@ class Config:
     # CPU instruction set for generated kernels: "auto" detects, or force avx512 / avx2 / portable.
     cpu_isa: Literal["auto", "avx512", "avx2", "portable"] = "auto"
 
-    def replace(self, **kw: Any) -> "Config":
+    def replace(self, **kw: Any) -> Config:
         return dataclasses.replace(self, **kw)
 
 

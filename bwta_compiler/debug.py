@@ -7,8 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from torch.fx import GraphModule
 
@@ -24,7 +24,7 @@ class DebugDump:
     """Writes into ``<root>/graph_<id>/``; every method is a no-op when ``root`` is empty."""
 
     def __init__(self, root: str, graph_id: int) -> None:
-        self.dir: Optional[Path] = Path(root) / f"graph_{graph_id:03d}" if root else None
+        self.dir: Path | None = Path(root) / f"graph_{graph_id:03d}" if root else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             log.info("bwta debug dump for graph %d: %s", graph_id, self.dir)
@@ -43,7 +43,7 @@ class DebugDump:
             (self.dir / filename).write_text(content)
 
     def kernel(self, name: str, source: str, suffix: str, key_lines: Iterable[str], log_text: str,
-               params_json: str) -> Optional[Path]:
+               params_json: str) -> Path | None:
         if self.dir is None:
             return None
         kdir = self.dir / "kernels"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 Variant = Literal["bt", "tt", "ut", "bb"]
 Act = Literal["ternary", "bool", "binary"]
@@ -57,7 +57,7 @@ class GemmParams:
     warps_m: int = 1              # CUDA: warps along M (tokens) per block
     warps_n: int = 4              # CUDA: warps along N (rows / keys) per block
 
-    def replace(self, **kw) -> "GemmParams":
+    def replace(self, **kw) -> GemmParams:
         return dataclasses.replace(self, **kw)
 
     def to_json(self) -> str:
@@ -71,7 +71,7 @@ class KernelChoice:
     variant: str                  # bt | tt | ut | bb | float
     target: str                   # cpu | cuda | reference
     template: str = ""            # template name, "" for the reference op
-    params: Optional[GemmParams] = None
+    params: GemmParams | None = None
     reason: str = ""              # why (or why not low-bit)
 
     def describe(self) -> str:

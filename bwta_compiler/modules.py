@@ -8,7 +8,6 @@ through the code ops gives the straight-through / LSQ gradients used for trainin
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +144,7 @@ class BWTALinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, act: str = "ternary", levels: int = 1) -> "BWTALinear":
+    def from_linear(cls, lin: nn.Linear, act: str = "ternary", levels: int = 1) -> BWTALinear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, levels,
                 device=lin.weight.device, dtype=lin.weight.dtype)
         with torch.no_grad():
@@ -158,7 +157,7 @@ class BWTALinear(nn.Module):
     def frozen(self) -> bool:
         return self.weight is None
 
-    def freeze_(self, pad_bits: int = 64) -> "BWTALinear":
+    def freeze_(self, pad_bits: int = 64) -> BWTALinear:
         """Replace the float weight by its packed binary codes and per-channel scale (deployment)."""
         if self.frozen:
             return self
@@ -198,7 +197,7 @@ def _causal_keep(t: int, s: int, device: torch.device) -> Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
 
 
-def apply_attention_mask(scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+def apply_attention_mask(scores: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
     """Add a float mask or apply a bool keep-mask (True = attend), then the causal mask."""
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -222,8 +221,8 @@ class AttentionCore(nn.Module):
     """Float scaled-dot-product attention on ``[B, H, T, D]`` tensors (the example models use it;
     :func:`bwta_compiler.quantize` swaps it for :class:`BWTAAttention`)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = False, scale: float | None = None) -> Tensor:
         rep = q.shape[-3] // k.shape[-3]
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         if is_causal and attn_mask is None and q.shape[-2] != k.shape[-2]:
@@ -247,8 +246,8 @@ class BWTAAttention(nn.Module):
         self.v_quant = TernaryQuantizer(levels)
         self.p_quant = BoolQuantizer(levels)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = False, scale: float | None = None) -> Tensor:
         if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[-3] % k.shape[-3]:
             raise ValueError(f"BWTAAttention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)} (need equal head dims, equal key lengths, heads divisible)")
@@ -292,8 +291,8 @@ class BWTAMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
             raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v, add_zero_attn and dropout are not supported")
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -311,8 +310,8 @@ class BWTAMultiheadAttention(nn.Module):
         return out, None
 
 
-def _merge_mha_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b: int, h: int, t: int,
-                     s: int, dtype: torch.dtype) -> Optional[Tensor]:
+def _merge_mha_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, t: int,
+                     s: int, dtype: torch.dtype) -> Tensor | None:
     # nn.MultiheadAttention masks mean True = *ignore*; convert to an additive float mask.
     def to_additive(m: Tensor) -> Tensor:
         return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf")) \

@@ -9,8 +9,9 @@ What is rewritten:
 * Hugging Face transformers attention (``BertSelfAttention``, ``LlamaAttention``, ...): the model's
   attention implementation is switched to a registered ``"bwta"`` function that runs a
   per-module :class:`BWTAAttention`;
-* modules whose ``forward`` calls ``F.scaled_dot_product_attention``: each such call is routed
-  to a per-module :class:`BWTAAttention`.
+* modules whose ``forward`` calls ``F.scaled_dot_product_attention`` or computes attention with
+  ``matmul``/``@``/``bmm`` around a ``softmax``: those calls are routed to a per-module
+  :class:`BWTAAttention` (ternary Q·Kᵀ, float softmax, bool P x ternary V).
 
 What cannot be rewritten stays float and is listed in the returned model's ``bwta_report``.
 The input model is never modified.
@@ -23,7 +24,7 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize(model: nn.Module, config: Optional[QuantConfig] = None) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Return a copy of ``model`` with BWTA linear layers and attention (see module docstring)."""
     config = config or QuantConfig()
     model = copy.deepcopy(model)
@@ -194,22 +195,60 @@ def _calls_sdpa(mod: nn.Module) -> bool:
     return "scaled_dot_product_attention" in src
 
 
-class _SDPARedirect(torch.overrides.TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention calls made inside one module to its BWTA core."""
+def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return query, key, value, attn_mask, is_causal, scale
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+_SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
+
+
+def _computes_attention(mod: nn.Module) -> bool:
+    """A forward that multiplies activations around a softmax (hand-written attention)."""
+    fwd = type(mod).forward
+    if fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention)):
+        return False
+    try:
+        src = inspect.getsource(fwd)
+    except (OSError, TypeError):
+        return False
+    return "softmax" in src and any(tok in src for tok in ("matmul", "@", "bmm"))
+
+
+class _AttentionRedirect(torch.overrides.TorchFunctionMode):
+    """Inside one module's forward: quantize hand-written attention MatMuls to BWTA.
+
+    Q·Kᵀ (an activation x activation MatMul before a softmax) runs on ternary codes times
+    ``s_q * s_k``; the softmax stays float; P·V (the next activation MatMul after it) runs on
+    bool(P) x ternary(V) codes times ``s_p * s_v``.  Scaling and masking written by the user
+    between them are untouched.  F.scaled_dot_product_attention calls go to the BWTA core.
+    """
 
     def __init__(self, core: BWTAAttention) -> None:
         super().__init__()
         self.core = core
+        self.after_softmax = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self.core(*_sdpa_args(*args, **kwargs))
+        if func in _SOFTMAXES:
+            self.after_softmax = True
+            return func(*args, **kwargs)
+        if func in _MATMULS and len(args) == 2 and not kwargs and all(
+                isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 2 for a in args):
+            a, b = args
+            core = self.core
+            if self.after_softmax:
+                self.after_softmax = False
+                cp, sp = core.p_quant.codes(a)
+                cv, sv = core.v_quant.codes(b)
+                return (torch.matmul(cp.float(), cv.float()) * (sp.float() * sv.float())).to(b.dtype)
+            cq, sq = core.q_quant.codes(a)
+            ck, sk = core.k_quant.codes(b)
+            return (torch.matmul(cq.float(), ck.float()) * (sq.float() * sk.float())).to(a.dtype)
         return func(*args, **kwargs)
-
-
-def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return query, key, value, attn_mask, is_causal, scale
 
 
 def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:
@@ -217,7 +256,7 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         return []
     entries = []
     for name, mod in list(model.named_modules()):
-        if not _calls_sdpa(mod):
+        if not (_calls_sdpa(mod) or _computes_attention(mod)):
             continue
         if not config.attention or config.choice(name) != "bwta":
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
@@ -226,11 +265,12 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         original = mod.forward
 
         def forward(*args, __orig=original, __mod=mod, **kwargs):
-            with _SDPARedirect(__mod.bwta_core):
+            with _AttentionRedirect(__mod.bwta_core):
                 return __orig(*args, **kwargs)
 
         mod.forward = forward
-        entries.append(ReportEntry(name or "<root>", "attention", "bwta", "F.scaled_dot_product_attention redirected"))
+        how = "F.scaled_dot_product_attention" if _calls_sdpa(mod) else "matmul/softmax attention"
+        entries.append(ReportEntry(name or "<root>", "attention", "bwta", f"{how} redirected"))
     return entries
 
 

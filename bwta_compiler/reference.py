@@ -13,8 +13,6 @@ argument names it in :mod:`bwta_compiler.kernel_registry`), the same op launches
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -82,7 +80,7 @@ def acc_bb(a: Tensor, b: Tensor, k: int) -> Tensor:
     return k - 2 * _pairwise_popc(a, b, "xor")
 
 
-def epilogue(acc: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+def epilogue(acc: Tensor, scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype | None) -> Tensor:
     """``float(acc) * scale + bias`` in fp32 (two roundings, in that order), then cast."""
     y = acc.to(torch.float32)
     if scale is not None:
@@ -92,7 +90,7 @@ def epilogue(acc: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], out_d
     return y.to(out_dtype or torch.float32)
 
 
-def _mm_fake(a: Tensor, b: Tensor, a_planes: int, b_planes: int, out_dtype: Optional[torch.dtype]) -> Tensor:
+def _mm_fake(a: Tensor, b: Tensor, a_planes: int, b_planes: int, out_dtype: torch.dtype | None) -> Tensor:
     a_rows = a.shape[:-1] if a_planes == 1 else a.shape[:-2]
     b_rows = b.shape[:-1] if b_planes == 1 else b.shape[:-2]
     batch = torch.broadcast_shapes(a_rows[:-1], b_rows[:-1])
@@ -103,8 +101,8 @@ def _define_mm(variant: str, a_planes: int, b_planes: int, acc_fn):
     name = f"mm_{variant}"
 
     @torch.library.custom_op(f"{LIB}::{name}", mutates_args=())
-    def mm(a: Tensor, b: Tensor, k: int, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def mm(a: Tensor, b: Tensor, k: int, scale: Tensor | None = None, bias: Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> Tensor:
         _check_words("a", a, name, a_planes)
         _check_words("b", b, name, b_planes)
         _check_k(name, k, a, b)
@@ -130,7 +128,7 @@ mm_bb = _define_mm("bb", 1, 1, acc_bb)
 ACTS = ("ternary", "bool", "binary")
 
 
-def quantize_pack(x: Tensor, act: str, s: Tensor, b: Optional[Tensor], pad_bits: int) -> Tensor:
+def quantize_pack(x: Tensor, act: str, s: Tensor, b: Tensor | None, pad_bits: int) -> Tensor:
     """Codes of ``x`` packed along the last dim: ternary -> [..., 2, Kw] (P, N planes);
     bool -> [..., Kw]; binary (sign) -> [..., Kw] with bit 1 = code -1."""
     if act == "ternary":
@@ -142,7 +140,7 @@ def quantize_pack(x: Tensor, act: str, s: Tensor, b: Optional[Tensor], pad_bits:
     raise ValueError(f"unknown activation quantizer {act!r}; expected one of {ACTS}")
 
 
-def _check_act(op: str, act: str, s: Tensor, b: Optional[Tensor]) -> None:
+def _check_act(op: str, act: str, s: Tensor, b: Tensor | None) -> None:
     if act not in ACTS:
         raise ValueError(f"bwta::{op}: unknown activation quantizer {act!r}; expected one of {ACTS}")
     check_scalar_scale("s", s, op)
@@ -152,8 +150,8 @@ def _check_act(op: str, act: str, s: Tensor, b: Optional[Tensor]) -> None:
         check_scalar_scale("b", b, op, positive=False)
 
 
-def linear_reference(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_packed: Tensor, k: int,
-                     scale: Optional[Tensor], bias: Optional[Tensor], out_dtype: Optional[torch.dtype],
+def linear_reference(x: Tensor, s: Tensor, b: Tensor | None, act: str, w_packed: Tensor, k: int,
+                     scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype | None,
                      pad_bits: int) -> Tensor:
     xp = quantize_pack(x.reshape(-1, k), act, s, b, pad_bits)
     if act == "ternary":
@@ -169,9 +167,9 @@ def linear_reference(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_pack
 
 
 @torch.library.custom_op(f"{LIB}::linear", mutates_args=())
-def linear(x: Tensor, s: Tensor, b: Optional[Tensor], act: str, w_packed: Tensor, k: int,
-           scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           out_dtype: Optional[torch.dtype] = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
+def linear(x: Tensor, s: Tensor, b: Tensor | None, act: str, w_packed: Tensor, k: int,
+           scale: Tensor | None = None, bias: Tensor | None = None,
+           out_dtype: torch.dtype | None = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
            kernel_id: str = "") -> Tensor:
     """Fused low-bit linear: quantize ``x`` [..., K] (``act``), pack, MatMul with the packed binary
     weight [N, Kw], then ``float(acc) * scale + bias``.  ``kernel_id`` names a generated kernel."""
@@ -196,9 +194,9 @@ def _(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits
 QBMM_VARIANTS = {("ternary", "ternary"): "tt", ("bool", "ternary"): "ut", ("binary", "binary"): "bb"}
 
 
-def qbmm_reference(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b: Tensor, b_act: str,
-                   b_s: Tensor, b_b: Optional[Tensor], b_kn: bool, scale: Optional[Tensor],
-                   bias: Optional[Tensor], out_dtype: Optional[torch.dtype], pad_bits: int) -> Tensor:
+def qbmm_reference(a: Tensor, a_act: str, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_act: str,
+                   b_s: Tensor, b_b: Tensor | None, b_kn: bool, scale: Tensor | None,
+                   bias: Tensor | None, out_dtype: torch.dtype | None, pad_bits: int) -> Tensor:
     bt = b.transpose(-1, -2) if b_kn else b
     k = a.shape[-1]
     ap = quantize_pack(a, a_act, a_s, a_b, pad_bits)
@@ -214,9 +212,9 @@ def qbmm_reference(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b:
 
 
 @torch.library.custom_op(f"{LIB}::qbmm", mutates_args=())
-def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Optional[Tensor], b: Tensor, b_act: str, b_s: Tensor,
-         b_b: Optional[Tensor], b_kn: bool, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-         out_dtype: Optional[torch.dtype] = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
+def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_act: str, b_s: Tensor,
+         b_b: Tensor | None, b_kn: bool, scale: Tensor | None = None, bias: Tensor | None = None,
+         out_dtype: torch.dtype | None = None, pad_bits: int = formats.DEFAULT_PAD_BITS,
          kernel_id: str = "") -> Tensor:
     """Fused batched MatMul of two quantized activations (attention): ``a`` [..., M, K] times ``b``
     ([..., K, N] if ``b_kn`` else [..., N, K]); TT for Q·Kᵀ, UT for P·V, BB for binary x binary."""

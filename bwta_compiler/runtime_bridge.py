@@ -9,7 +9,7 @@ its reference implementation.  Runtime modules are imported lazily, so importing
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from .config import Config
 from .errors import CompileError
@@ -41,7 +41,7 @@ def _target_params(choice: KernelChoice, cfg: Config):
     return select(choice.params, cfg)
 
 
-def load(choice: KernelChoice, cfg: Config) -> tuple[Optional[Any], str]:
+def load(choice: KernelChoice, cfg: Config) -> tuple[Any | None, str]:
     """(loaded kernel, "") or (None, why not)."""
     try:
         rt = _runtime(choice.target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -54,7 +54,7 @@ class PassContext:
         for k, v in kw.items():
             setattr(rec, k, v)
 
-    def param(self, node: torch.fx.Node) -> Optional[torch.Tensor]:
+    def param(self, node: torch.fx.Node) -> torch.Tensor | None:
         if node.op == "placeholder":
             return self.params.get(node.target)
         if node.op == "get_attr":

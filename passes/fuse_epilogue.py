@@ -8,8 +8,6 @@ arithmetic of the ops it replaces.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.fx import GraphModule, Node
 
@@ -19,7 +17,7 @@ from .patterns import aten, bwta, is_call, meta_val
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-def _only_user(node: Node) -> Optional[Node]:
+def _only_user(node: Node) -> Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
@@ -29,7 +27,7 @@ def _other(node: Node, this: Node):
     return b if a is this else a
 
 
-def _fits(t: Optional[torch.Tensor], n: int, allow_scalar: bool) -> bool:
+def _fits(t: torch.Tensor | None, n: int, allow_scalar: bool) -> bool:
     if t is None or not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         return False
     if allow_scalar and t.numel() == 1 and t.dim() <= 1:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -26,7 +25,17 @@ from torch.fx import GraphModule, Node
 from bwta_compiler.reference import QBMM_VARIANTS
 
 from .context import PassContext
-from .patterns import CONVERT_OPS, act_kind, aten, bwta, code_levels, code_scale_args, is_call, meta_val, walk_layout
+from .patterns import (
+    CONVERT_OPS,
+    act_kind,
+    aten,
+    bwta,
+    code_levels,
+    code_scale_args,
+    is_call,
+    meta_val,
+    walk_layout,
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class FusedSpec:
     has_bias: bool = False
     source: str = ""              # the MatMul node it replaced
 
-    def replace(self, **kw) -> "FusedSpec":
+    def replace(self, **kw) -> FusedSpec:
         return dataclasses.replace(self, **kw)
 
 
@@ -75,7 +84,7 @@ def _replay(gm: GraphModule, src: Node, chain: list[Node], before: Node) -> Node
     return cur
 
 
-def _weight_of(b: Node) -> Optional[tuple[Node, int]]:
+def _weight_of(b: Node) -> tuple[Node, int] | None:
     """(packed-words get_attr node, K) when ``b`` is ``t(unpack_binary(get_attr))``."""
     src, chain = walk_layout(b)
     layout = [n for n in chain if n.target not in CONVERT_OPS]
@@ -100,7 +109,7 @@ def _why_not(a_src: Node, b_src: Node, gm: GraphModule) -> str:
     return "operand layout not recognised"
 
 
-def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> Optional[str]:
+def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> str | None:
     """Rewrite one MatMul; returns the reason when it stays float, else None."""
     a, b = mm.args[:2]
     a_src, a_chain = walk_layout(a)

@@ -3,8 +3,6 @@ quantizer code ops, walking back through layout chains)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.fx import Node
 
@@ -38,7 +36,7 @@ def is_call(node: object, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
-def act_kind(node: Node) -> Optional[str]:
+def act_kind(node: Node) -> str | None:
     return ACT_CODE_OPS.get(node.target) if node.op == "call_function" else None
 
 
@@ -70,7 +68,7 @@ def _arg(node: Node, idx: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
-def code_scale_args(code_node: Node) -> tuple[Node, Optional[Node]]:
+def code_scale_args(code_node: Node) -> tuple[Node, Node | None]:
     """(s, b) of an activation code op (b is None unless it is a bool quantizer)."""
     kind = act_kind(code_node)
     s = _arg(code_node, 1, "s", None)

@@ -3,7 +3,7 @@ invariants, counts rewrites, and names the failing pass (and those before it) in
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from torch.fx import GraphModule
 
@@ -15,7 +15,7 @@ from .verify import verify
 Pass = Callable[[GraphModule, PassContext], GraphModule]
 
 
-def run_pipeline(gm: GraphModule, ctx: PassContext, pipeline: Sequence[Pass], dump: Optional[object] = None) -> GraphModule:
+def run_pipeline(gm: GraphModule, ctx: PassContext, pipeline: Sequence[Pass], dump: object | None = None) -> GraphModule:
     if dump is not None:
         dump.graph(0, "input", gm)
     for i, p in enumerate(pipeline, 1):

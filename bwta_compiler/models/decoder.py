@@ -4,7 +4,6 @@ and a simple KV cache for decoding."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +25,11 @@ class DecoderConfig:
     rope_theta: float = 10000.0
 
     @staticmethod
-    def llama_7b(**kw) -> "DecoderConfig":
+    def llama_7b(**kw) -> DecoderConfig:
         return DecoderConfig(**kw)
 
     @staticmethod
-    def tiny(**kw) -> "DecoderConfig":
+    def tiny(**kw) -> DecoderConfig:
         base = dict(vocab_size=1000, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, max_positions=256)
         base.update(kw)
         return DecoderConfig(**base)
@@ -69,7 +68,7 @@ class DecoderAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
         self.core = AttentionCore()
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Optional[tuple[Tensor, Tensor]]):
+    def forward(self, x: Tensor, pos: Tensor, cache: tuple[Tensor, Tensor] | None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.cfg.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.cfg.kv_heads, self.head_dim).transpose(1, 2)
@@ -113,7 +112,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: Tensor, cache: Optional[list] = None):
+    def forward(self, input_ids: Tensor, cache: list | None = None):
         past = 0 if cache is None else cache[0][0].shape[2]
         pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids)

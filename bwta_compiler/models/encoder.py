@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +24,11 @@ class EncoderConfig:
     num_labels: int = 0   # > 0 adds a classifier head on the [CLS] token
 
     @staticmethod
-    def bert_base(**kw) -> "EncoderConfig":
+    def bert_base(**kw) -> EncoderConfig:
         return EncoderConfig(**kw)
 
     @staticmethod
-    def tiny(**kw) -> "EncoderConfig":
+    def tiny(**kw) -> EncoderConfig:
         base = dict(vocab_size=1000, hidden=64, layers=2, heads=4, intermediate=256, max_positions=256)
         base.update(kw)
         return EncoderConfig(**base)
@@ -45,9 +44,9 @@ class EncoderSelfAttention(nn.Module):
         self.core = AttentionCore()
         self.output = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         b, t, h = x.shape
-        split = lambda y: y.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        split = lambda y: y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         ctx = self.core(split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask)
         return self.output(ctx.transpose(1, 2).reshape(b, t, h))
 
@@ -61,7 +60,7 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate, cfg.hidden)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = self.ln1(x + self.attention(x, mask))
         return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
 
@@ -80,7 +79,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.classifier = nn.Linear(cfg.hidden, cfg.num_labels) if cfg.num_labels else None
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         t = input_ids.shape[1]
         pos = torch.arange(t, device=input_ids.device)
         x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_types.weight[0]

@@ -1,7 +1,6 @@
 """torch.compile(backend="bwta"): capture, rewrite counts, compiled == eager, fallbacks, report,
 debug dump, dynamic token dimension, weight changes, freeze."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import MatmulSoftmaxBlock, RawOpsModel, SDPABlock
 from torch import nn
 
 import bwta_compiler as bc
@@ -104,45 +104,13 @@ def test_decoder_causal_and_kv_cache_decoding_bitwise():
     assert any("lm_head" in line or "not a quantized" in line for line in rep.lines())
 
 
-class SDPAModel(nn.Module):
-    def __init__(self, d=32, h=4):
-        super().__init__()
-        self.h = h
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
 def test_sdpa_model_bitwise():
-    m = bc.quantize(SDPAModel())
+    m = bc.quantize(SDPABlock())
     x = torch.randn(2, 7, 32)
     _calibrated(m, x)
     with torch.no_grad():
         assert torch.equal(_compile(m)(x), m(x))
     assert bc.last_report().lowbit == 4
-
-
-class RawOpsModel(nn.Module):
-    """Written directly with bwta code ops, ``x @ w.t()`` and ``torch.bmm``."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(24, 32))
-        self.s = nn.Parameter(torch.tensor(0.6))
-        self.sk = nn.Parameter(torch.tensor(0.7))
-
-    def forward(self, x):
-        bw = torch.ops.bwta
-        cx = bw.ternary_code(x, self.s, 1)
-        cw, alpha = bw.binary_code(self.w)
-        y = (cx @ cw.t()) * (alpha * self.s)                      # [B, T, 24]
-        q = bw.ternary_code(y, self.sk, 1)
-        return torch.bmm(q, q.transpose(1, 2)) * (self.sk * self.sk)
 
 
 def test_matmul_and_bmm_spellings_bitwise():
@@ -189,9 +157,8 @@ def test_negative_cases_stay_float_with_reasons():
 
 def test_strict_lists_every_float_matmul():
     m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
-    with pytest.raises(Exception, match=r"strict mode(.|\n)*float: .*\n(.|\n)*float: "):
-        with torch.no_grad():
-            _compile(m, strict=True)(torch.randn(2, 8))
+    with pytest.raises(Exception, match=r"strict mode(.|\n)*float: .*\n(.|\n)*float: "), torch.no_grad():
+        _compile(m, strict=True)(torch.randn(2, 8))
 
 
 def test_graph_break_compiles_both_parts(capsys):
@@ -334,3 +301,12 @@ def test_hf_bert_and_llama_with_kv_cache():
         ref_step = llama(input_ids=ids[:, 7:], past_key_values=ref.past_key_values, use_cache=True).logits
         assert torch.equal(step, ref_step)
     assert bc.last_report().lowbit >= 2 * 9
+
+
+def test_hand_written_matmul_softmax_attention_compiles_to_lowbit():
+    m = bc.quantize(MatmulSoftmaxBlock())
+    x, mask = torch.randn(2, 6, 32), torch.zeros(2, 1, 1, 6)
+    _calibrated(m, x, mask)
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(x, mask), m(x, mask))
+    assert bc.last_report().lowbit == 6          # q, k, v, o + QK (TT) + PV (UT)

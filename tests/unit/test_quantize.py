@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import MatmulSoftmaxBlock, SDPABlock
 from torch import nn
 
 import bwta_compiler as bc
@@ -65,22 +66,6 @@ def _reference_attention(core, q, k, v, mask=None, causal=False):
     return (p @ cv) * (core.p_quant.scale * core.v_quant.scale)
 
 
-class SDPABlock(nn.Module):
-    """A plain user module that calls F.scaled_dot_product_attention itself."""
-
-    def __init__(self, d=32, h=4):
-        super().__init__()
-        self.h = h
-        self.qkv = nn.Linear(d, 3 * d)       # fused QKV
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
 def test_sdpa_caller_is_redirected_to_bwta_core():
     blk = SDPABlock().eval()
     q = bc.quantize(blk)
@@ -109,7 +94,7 @@ def test_multihead_attention_swapped():
     with torch.no_grad():
         layer(x, x, x, key_padding_mask=pad)
         out, weights = layer(x, x, x, key_padding_mask=pad)
-        split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)  # noqa: E731
+        split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)
         mask = torch.zeros(2, 1, 1, 6).masked_fill(pad[:, None, None, :], float("-inf"))
         ctx = _reference_attention(layer.core, split(layer.q_proj(x)), split(layer.k_proj(x)),
                                    split(layer.v_proj(x)), mask=mask)
@@ -169,3 +154,20 @@ def test_linear_input_checks():
     lin = bc.BWTALinear(16, 4)
     with pytest.raises(ValueError, match=r"input has K=8 .*weight expects K=16"):
         lin(torch.randn(2, 8))
+
+
+def test_matmul_softmax_attention_is_quantized():
+    blk = MatmulSoftmaxBlock().eval()
+    q = bc.quantize(blk)
+    assert isinstance(q.bwta_core, bc.BWTAAttention)
+    assert any("matmul/softmax" in e.reason for e in q.bwta_report)
+    x = torch.randn(2, 6, 32)
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., 4:] = float("-inf")
+    with torch.no_grad():
+        q(x, mask)
+        got = q(x, mask)
+        split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)
+        ctx = _reference_attention(q.bwta_core, split(q.q(x)), split(q.k(x)), split(q.v(x)), mask=mask)
+        expect = q.o(ctx.transpose(1, 2).reshape(2, 6, 32))
+    torch.testing.assert_close(got, expect)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bwta_compiler  # noqa: F401
-from bwta_compiler import formats, ops, reference
+from bwta_compiler import formats, reference
 
 bwta = torch.ops.bwta
 KS = [1, 31, 32, 33, 64, 100, 4096]

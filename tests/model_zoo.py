@@ -1,0 +1,56 @@
+"""Small user-written transformer pieces shared by the tests (the way people write attention)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SDPABlock(nn.Module):
+    """A plain user module that calls F.scaled_dot_product_attention itself."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)       # fused QKV
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MatmulSoftmaxBlock(nn.Module):
+    """Hand-written attention: matmul, scale, mask, softmax, matmul."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.h, d // self.h).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = q @ k.transpose(-2, -1) / (d // self.h) ** 0.5 + mask
+        p = torch.softmax(scores, dim=-1)
+        return self.o(torch.matmul(p, v).transpose(1, 2).reshape(b, t, d))
+
+
+class RawOpsModel(nn.Module):
+    """Written directly with bwta code ops, ``x @ w.t()`` and ``torch.bmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24, 32))
+        self.s = nn.Parameter(torch.tensor(0.6))
+        self.sk = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        bw = torch.ops.bwta
+        cx = bw.ternary_code(x, self.s, 1)
+        cw, alpha = bw.binary_code(self.w)
+        y = (cx @ cw.t()) * (alpha * self.s)                      # [B, T, 24]
+        q = bw.ternary_code(y, self.sk, 1)
+        return torch.bmm(q, q.transpose(1, 2)) * (self.sk * self.sk)
