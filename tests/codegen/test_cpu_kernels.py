@@ -57,7 +57,8 @@ def _linear_params(case, isa: str) -> GemmParams:
     act, din, dout, k, n, has_scale, per_col, has_bias, (tm, tn) = case
     return GemmParams(variant="bb" if act == "binary" else "bt", a_act=act, b_act="binary", k=k,
                       kw=formats.num_words(k), n=n, has_scale=has_scale, scale_per_col=per_col, has_bias=has_bias,
-                      in_dtype=din, out_dtype=dout, isa=isa, tile_m=tm, tile_n=tn, block_n=2 * tn, op="linear")
+                      in_dtype=din, out_dtype=dout, isa=isa, tile_m=tm, tile_n=tn, op="linear",
+                      block_n=0 if k == 4097 else 2 * tn)  # 0 = all of N in one block
 
 
 def _linear_inputs(case, m_shape: tuple[int, ...]):
@@ -207,9 +208,14 @@ def test_rendered_linear_source_anchors() -> None:
     _check_order(cpu.make_source(p), [
         "#define BWTA_ISA BWTA_ISA_AVX2", '#include "bwta_common.h"', "#define K 100", "#define KW64 2",
         "#define TILE_M 2", "#define TILE_N 3", "#define N 7", "static void a_pack_row", "fv_float32(x",
-        "fv_lt(v, -t)", "y = y * scale[col];", "y = y + bias[col];", "((float *)out)[idx] = y;",
-        "bv_and_xor(x0[i], x1[i], y0)", "sc_and_xor(x0[i], x1[i], y0)", "(i64)apop[i] - 2 * t2[i][j]",
+        "fv_lt(v, -t)", "dst[2 * KW64 + wi] = lo;", "y = y * scale[col];", "y = y + bias[col];",
+        "((float *)out)[idx] = y;", "cnt_add_nib(c2[i][j], bv_and(x0[i], sw), bv_and(x1[i], bv_srl4(sw)))",
+        "sc_and_xor(sc_unnib(x0[i], x1[i]), x2[i], y0)", "(i64)apop[i] - 2 * t2[i][j]",
         "void bwta_linear(", "a_pack(x, 1, m", "#pragma omp parallel", "gemm_block(", "void bwta_pack("])
+    portable = cpu.make_source(dataclasses.replace(p, isa="portable"))
+    _check_order(portable, ["#define BWTA_ISA BWTA_ISA_PORTABLE", "#define A_PLANES 2", "dst[KW64 + wi] = lo;",
+                            "bv_and_xor(x0[i], x1[i], y0)", "sc_and_xor(x0[i], x1[i], y0)"])
+    assert "cnt_add_nib(" not in portable
 
 
 @pytest.mark.parametrize("variant,anchors", [
