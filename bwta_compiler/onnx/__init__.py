@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Union
+from typing import Any
 
 _LAZY = {"import_model": "importer", "export": "exporter", "PackedBWTALinear": "exporter",
          "prepare_for_export": "exporter", "bwta_op_counts": "exporter"}

@@ -10,6 +10,7 @@ rank or sizes (negative axes, Slice clamping, bidirectional Expand); Dynamo trac
 
 from __future__ import annotations
 
+import ast
 import math
 import operator
 from collections.abc import Callable
@@ -369,10 +370,11 @@ def _scope_name(ctx: Ctx, node, weight_name: str) -> str:
     """A module name for a linear layer: the exporter's module scope, the node name's path, or the weight's."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = [s for s in eval(p.value, {"__builtins__": {}}) if s]  # a list literal of strings
-            except Exception:
-                scopes = []
+            try:  # a list literal of strings; never eval() text from a model file
+                value = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = []
+            scopes = [s for s in value if isinstance(s, str) and s] if isinstance(value, list) else []
             if len(scopes) >= 2:
                 return scopes[-2]
     if node.name.startswith("/") and node.name.count("/") >= 2:

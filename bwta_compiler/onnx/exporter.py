@@ -116,8 +116,14 @@ def prepare_for_export(model: nn.Module, packed: bool = True, pad_bits: int = fo
             setattr(parent, child, PackedBWTALinear(mod, pad_bits))
     for mod in model.modules():
         if isinstance(mod, _ScaleQuantizer):
-            mod.step_size = (lambda q: (lambda x: q.scale))(mod)
+            mod.step_size = _plain_step_size(mod)
     return model
+
+
+def _plain_step_size(q: _ScaleQuantizer):
+    def step_size(x: Tensor) -> Tensor:
+        return q.scale
+    return step_size
 
 
 def _auto_dynamic_shapes(example_inputs: Sequence[Any]) -> tuple:

@@ -331,7 +331,7 @@ def _load_external(model: onnx.ModelProto, where: str, base_dir: str | None) -> 
             raise OnnxImportError(f"{where}: initializer {t.name!r}: external data file {str(full)!r} not found")
         try:
             edh.load_external_data_for_tensor(t, base_dir)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
             raise OnnxImportError(f"{where}: initializer {t.name!r}: cannot read external data {str(full)!r}: "
                                   f"{type(e).__name__}: {e}") from None
         t.data_location = onnx.TensorProto.DEFAULT
@@ -352,7 +352,7 @@ def _numel(t: onnx.TensorProto) -> int:
 def _itemsize(t: onnx.TensorProto) -> int:
     try:
         return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported as OnnxImportError
         return 0
 
 
@@ -421,7 +421,7 @@ def _type_info(vi: onnx.ValueInfoProto) -> TypeInfo | None:
 def _infer_types(model: onnx.ModelProto) -> dict[str, TypeInfo]:
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported as OnnxImportError
         inferred = model
     types: dict[str, TypeInfo] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -525,7 +525,7 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
     if proto.functions:
         try:
             proto = onnx.inliner.inline_local_functions(proto)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
             raise OnnxImportError(f"{where}: cannot inline the model's local functions: {e}") from None
     if quantizers != "off":
         from .quantizers import rewrite_quantizers
@@ -546,7 +546,7 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
     for t in g.initializer:
         try:
             arr = numpy_helper.to_array(t)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
             raise OnnxImportError(f"{where}: initializer {t.name!r} cannot be read: {type(e).__name__}: {e}") from None
         env[t.name] = Const(torch.from_numpy(arr.copy()) if arr.dtype.kind != "U" else arr)
     for vi in g.input:
@@ -594,7 +594,7 @@ def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: di
     inputs = [env[x] if x else None for x in n.input]
     try:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
         raise OnnxImportError(f"{where}: node {_node_label(n, i)} ({n.op_type}): bad attribute: {e}") from None
     for k, v in list(attrs.items()):
         if isinstance(v, bytes):
@@ -606,7 +606,7 @@ def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: di
         out = conv.fn(ctx, inputs, attrs, n)
     except OnnxImportError as e:
         raise OnnxImportError(f"{where}: node {_node_label(n, i)} ({n.op_type}): {e}") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
         raise OnnxImportError(f"{where}: node {_node_label(n, i)} ({n.op_type}) cannot be converted: "
                               f"{type(e).__name__}: {e}") from None
     finally:

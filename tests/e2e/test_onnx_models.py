@@ -97,7 +97,7 @@ FLOAT_CASES = [("enc", 17, "dynamo"), ("enc", 18, "dynamo"), ("dec", 18, "dynamo
 
 @pytest.mark.parametrize("case", FLOAT_CASES, ids=["-".join(map(str, c)) for c in FLOAT_CASES])
 def test_float_model_roundtrip(models, files, case):
-    kind, opset, how = case
+    kind, opset, _how = case
     path = files[case]
     proto = onnx.load(str(path), load_external_data=False)
     assert {o.domain: o.version for o in proto.opset_import}.get("", None) == opset
