@@ -17,6 +17,7 @@ the imported model reproduces the torch model's low-bit arithmetic bit for bit.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -159,11 +160,18 @@ def export(model: nn.Module, example_inputs: Tensor | Sequence[Any], path: str |
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         dynamic_shapes = _auto_dynamic_shapes(args)
     path = os.fspath(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, path, opset_version=opset_version, dynamic_shapes=dynamic_shapes,
-                          external_data=external_data, custom_translation_table=_translation_table(),
-                          verbose=verbose, **export_kwargs)
+    # onnx-ir warns once per ai.bwta output that it has no type recorded; the importer does not need it.
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, path, opset_version=opset_version, dynamic_shapes=dynamic_shapes,
+                              external_data=external_data, custom_translation_table=_translation_table(),
+                              verbose=verbose, **export_kwargs)
+    finally:
+        serde_log.setLevel(level)
     if check:
         schemas.register()
         onnx.checker.check_model(path, full_check=False)
