@@ -126,6 +126,10 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
         return _give_up(original, fake_inputs, cfg, rep, dump, f"bwta failed: {type(e).__name__}: {e}")
     rep.matmuls = list(ctx.matmuls.values())
     _weight_bytes(gm, ctx, rep)
+    if dump.enabled:
+        from .graph_analysis import describe
+
+        dump.text("regions.txt", describe(gm))
     _finish_report(rep, dump, ctx)
     if cfg.strict and rep.lowbit < len(rep.matmuls):
         raise UnsupportedError("bwta strict mode: MatMuls that cannot run in low bit:\n" + "\n".join(rep.lines()[1:]))

@@ -257,6 +257,8 @@ def test_debug_dump_files(tmp_path):
     assert names[0].startswith("00_input") and any(n.endswith("fuse_lowbit_matmul.py") for n in names)
     assert "bwta.linear" in (gdir / [n for n in names if n.endswith("select_kernels.py")][0]).read_text()
     assert "8 of 8 MatMuls run in low bit" in (gdir / "report.txt").read_text()
+    regions = (gdir / "regions.txt").read_text()
+    assert regions.startswith("8 fused ops")            # one layer: every fused op is connected
     table = (gdir / "kernels.txt").read_text()
     assert table.count("\n") >= 9 and "bt" in table and "tt" in table
 
