@@ -31,6 +31,7 @@ csv.field_size_limit(1 << 30)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("BWTA_ACCURACY_CACHE", Path.home() / ".cache" / "bwta-accuracy"))
 sys.path.insert(0, str(ROOT))
 
 from bwta_compiler.models import Encoder, EncoderConfig  # noqa: E402

@@ -32,7 +32,6 @@ from bwta_compiler.models import Decoder, DecoderConfig  # noqa: E402
 from bwta_compiler.modules import BinaryActQuantizer, BWTAAttention  # noqa: E402
 from bwta_compiler.smq import DistillConfig, SMQSchedule, SMQTrainer, TrainConfig  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "bwta-accuracy"
 
 
 def build_corpus(vocab: int, max_docs: int, seed: int = 0):
@@ -219,8 +218,17 @@ def main(argv=None):
     fl = SMQTrainer(model, SMQSchedule.direct(args.float_steps), lm_forward, lm_loss,
                     TrainConfig(lr=args.lr, warmup=0.05, distill=None))
     t1 = time.time()
-    fl.fit(lambda s: window_batch(train, s, args.batch, args.seq, args.seed),
-           log=lambda m: log("  float " + m))
+    key = (f"lm_v{args.vocab}_d{args.docs}_h{args.hidden}_l{args.layers}_a{args.heads}_t{args.seq}_b{args.batch}"
+           f"_s{args.float_steps}_lr{args.lr}_seed{args.seed}")
+    ck = common.CACHE / f"float_{key}.pt"
+    if ck.exists():  # the float model is cached for reruns of the BWTA variants
+        fl.load(str(ck))
+        log(f"float: loaded cached model {ck}")
+    else:
+        fl.fit(lambda s: window_batch(train, s, args.batch, args.seq, args.seed),
+               log=lambda m: log("  float " + m))
+        common.CACHE.mkdir(parents=True, exist_ok=True)
+        fl.save(str(ck))
     teacher = fl.model.eval()
     res = {"float": {"name": "float", "ppl": perplexity(teacher, val, args.seq, args.val_tokens),
                      "loss": [h["total"] for h in fl.history], "seconds": time.time() - t1}}

