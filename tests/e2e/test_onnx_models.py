@@ -260,11 +260,19 @@ def test_quantize_on_import_uses_quantize_rules(models, files):
     assert "layers.0.attention.q_proj" in names and "layers.1.down_proj" in names
     assert "lm_head" not in names          # kept float by the default rule
     assert any("lm_head" in line for line in bc.report_lines(gm))
-    gm2 = import_model(files[("enc", 18, "dynamo")], quantize=bc.QuantConfig())
-    q = bc.quantize(models["enc"], bc.QuantConfig(attention=False))
+    # Linear layers only: the imported float model quantized on import equals the torch model
+    # quantized in torch (same weights, same LSQ initialisation from the same first batch).
+    cfg = bc.QuantConfig(attention=False)
+    gm2 = import_model(files[("enc", 18, "dynamo")], quantize=cfg)
+    q = bc.quantize(models["enc"], cfg)
     args = inputs("enc", 2, 8)
     with torch.no_grad():
-        assert rel_err(gm2(*args), q(*args)) < 1e-3
+        assert rel_err(gm2(*args), q(*args)) <= RTOL
+    gm3 = import_model(files[("enc", 18, "dynamo")], quantize=True)
+    entries = gm3.bwta_report
+    assert sum(e.kind == "linear" and e.choice == "bwta" for e in entries) == 12
+    with torch.no_grad():
+        assert torch.isfinite(gm3(*args)).all()
 
 
 def test_compile_onnx_with_bwta_backend(bwta_files):
