@@ -51,6 +51,7 @@ class FusedSpec:
     in_dtype: str
     out_dtype: str
     b_kn: bool = False
+    b_dtype: str = ""             # dtype of a quantized B activation ("" for packed weights)
     has_scale: bool = False
     scale_per_col: bool = False
     has_bias: bool = False
@@ -150,7 +151,7 @@ def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> str | None:
                 "out_dtype": out_val.dtype, "pad_bits": ctx.cfg.pad_bits})
         spec = FusedSpec("qbmm", variant, a_act, b_act, _static(meta_val(a).shape[-1]),
                          _static(out_val.shape[-1]), _dtype_name(x_val.dtype), _dtype_name(out_val.dtype),
-                         b_kn=True, source=mm.name)
+                         b_kn=True, b_dtype=_dtype_name(meta_val(b_src.args[0]).dtype), source=mm.name)
     fused.meta["val"] = out_val
     fused.meta["bwta"] = spec
     mm.replace_all_uses_with(fused)

@@ -29,6 +29,10 @@ def _choose(spec: FusedSpec, ctx: PassContext) -> KernelChoice:
         return KernelChoice(spec.variant, "reference", params=params, reason="codegen disabled (reference op)")
     if spec.k == 0:
         return KernelChoice(spec.variant, "reference", params=params, reason="dynamic contraction length")
+    if spec.b_dtype and spec.b_dtype != spec.in_dtype:
+        # Kernels quantize both operands in one input dtype; the thresholds differ per dtype.
+        return KernelChoice(spec.variant, "reference", params=params,
+                            reason=f"mixed operand dtypes {spec.in_dtype} x {spec.b_dtype}")
     template = f"{spec.op}_{spec.variant}" if spec.op == "linear" else f"gemm_{spec.variant}"
     return KernelChoice(spec.variant, ctx.target, template=template, params=params)
 

@@ -312,3 +312,16 @@ def test_hand_written_matmul_softmax_attention_compiles_to_lowbit():
     with torch.no_grad():
         assert torch.equal(_compile(m)(x, mask), m(x, mask))
     assert bc.last_report().lowbit == 6          # q, k, v, o + QK (TT) + PV (UT)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_bitwise(dtype):
+    m = bc.quantize(Encoder(EncoderConfig.tiny(layers=1))).to(dtype)
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones(2, 9)
+    mask[1, 6:] = 0
+    _calibrated(m, ids, mask)
+    with torch.no_grad():
+        out = _compile(m)(ids, mask)
+        assert out.dtype == dtype and torch.equal(out, m(ids, mask))
+    assert bc.last_report().lowbit == 8

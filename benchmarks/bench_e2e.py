@@ -1,0 +1,174 @@
+"""End-to-end benchmark: the example BERT-base-sized encoder and a LLaMA-7B-shaped decoder.
+
+Compares, in one process (median of repeated runs after warm-up):
+  eager fp32 (float model) | torch.compile inductor fp32 | inductor bf16 | bwta (BWTA model).
+Encoder: 12 layers, hidden 768, sequence 128, batch 8 -> sequences/s.
+Decoder: LLaMA-7B layer shapes (hidden 4096, FFN 11008, 32 heads), a few layers -> prefill and
+decode (KV cache) tokens/s.
+
+Writes benchmarks/results/e2e_cpu.json and e2e_cpu.png and prints the machine it ran on.
+``--quick`` runs tiny shapes (a smoke test of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import bwta_compiler as bc
+from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def median_s(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _compile_time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_encoder(cfg: EncoderConfig, batch: int, seq: int, reps: int) -> dict:
+    torch.manual_seed(0)
+    float_model = Encoder(cfg).eval()
+    bwta_model = bc.quantize(float_model).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    mask = torch.ones(batch, seq)
+    out: dict = {"shape": f"{cfg.layers} layers, hidden {cfg.hidden}, batch {batch}, seq {seq}"}
+    with torch.no_grad():
+        bwta_model(ids, mask)
+        variants = {
+            "eager_fp32": lambda: float_model(ids, mask),
+            "inductor_fp32": torch.compile(float_model, backend="inductor"),
+            "bwta": torch.compile(bwta_model, backend="bwta"),
+        }
+        bf16 = Encoder(cfg).eval().to(torch.bfloat16)
+        bf16.load_state_dict(float_model.state_dict())
+        variants["inductor_bf16"] = torch.compile(bf16.to(torch.bfloat16), backend="inductor")
+        for name, fn in variants.items():
+            call = (lambda f=fn: f(ids, mask)) if name != "eager_fp32" else fn
+            first = _compile_time(call)
+            sec = median_s(call, reps)
+            out[name] = {"ms": sec * 1e3, "seq_per_s": batch / sec, "first_call_s": first}
+            print(f"  encoder {name:14s} {sec * 1e3:9.1f} ms  ({batch / sec:7.1f} seq/s, first call {first:.1f} s)")
+    base = out["eager_fp32"]["ms"]
+    for name in variants:
+        out[name]["speedup_vs_eager_fp32"] = base / out[name]["ms"]
+    return out
+
+
+def bench_decoder(cfg: DecoderConfig, prompt: int, new_tokens: int, reps: int) -> dict:
+    torch.manual_seed(0)
+    float_model = Decoder(cfg).eval()
+    bwta_model = bc.quantize(float_model).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt))
+    out: dict = {"shape": f"{cfg.layers} LLaMA-7B-shaped layers, prompt {prompt}, {new_tokens} decode steps"}
+    with torch.no_grad():
+        bwta_model(ids)
+        variants = {"eager_fp32": float_model, "inductor_fp32": torch.compile(float_model, backend="inductor"),
+                    "bwta": torch.compile(bwta_model, backend="bwta")}
+        for name, model in variants.items():
+            def prefill(m=model):
+                return m(ids)
+
+            def decode(m=model):
+                logits, cache = m(ids)
+                for _ in range(new_tokens):
+                    logits, cache = m(logits[:, -1:].argmax(-1), cache)
+
+            first = _compile_time(decode)
+            pre = median_s(prefill, reps, warmup=1)
+            total = median_s(decode, max(1, reps // 2), warmup=1)
+            dec = max(total - pre, 1e-9) / new_tokens
+            out[name] = {"prefill_tok_per_s": prompt / pre, "decode_tok_per_s": 1 / dec, "first_call_s": first}
+            print(f"  decoder {name:14s} prefill {prompt / pre:8.1f} tok/s   decode {1 / dec:7.2f} tok/s")
+    for key in ("prefill_tok_per_s", "decode_tok_per_s"):
+        base = out["eager_fp32"][key]
+        for name in variants:
+            out[name][key.replace("tok_per_s", "speedup")] = out[name][key] / base
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    enc = results["encoder"]
+    names = [n for n in ("eager_fp32", "inductor_fp32", "inductor_bf16", "bwta") if n in enc]
+    axes[0].bar(names, [enc[n]["speedup_vs_eager_fp32"] for n in names])
+    axes[0].set_title("encoder speedup vs eager fp32")
+    dec = results["decoder"]
+    names = [n for n in ("eager_fp32", "inductor_fp32", "bwta") if n in dec]
+    axes[1].bar(names, [dec[n]["prefill_tok_per_s"] for n in names])
+    axes[1].set_title("decoder prefill tokens/s")
+    axes[2].bar(names, [dec[n]["decode_tok_per_s"] for n in names])
+    axes[2].set_title("decoder decode tokens/s")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(results["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the script")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--decoder-layers", type=int, default=2)
+    args = ap.parse_args()
+    if args.quick:
+        enc_cfg, batch, seq = EncoderConfig.tiny(), 2, 16
+        dec_cfg, prompt, steps = DecoderConfig.tiny(), 8, 4
+    else:
+        enc_cfg, batch, seq = EncoderConfig.bert_base(), 8, 128
+        dec_cfg, prompt, steps = DecoderConfig.llama_7b(layers=args.decoder_layers, vocab_size=32000), 128, 16
+    results = {"date": str(date.today()), "machine": machine(), "quick": args.quick}
+    print(f"machine: {results['machine']}")
+    results["encoder"] = bench_encoder(enc_cfg, batch, seq, args.reps)
+    results["decoder"] = bench_decoder(dec_cfg, prompt, steps, args.reps)
+    RESULTS.mkdir(exist_ok=True)
+    stem = "e2e_cpu_quick" if args.quick else "e2e_cpu"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"{stem}.png")
+    e = results["encoder"]
+    print(f"encoder: bwta {e['bwta']['speedup_vs_eager_fp32']:.2f}x eager fp32, "
+          f"{e['inductor_fp32']['ms'] / e['bwta']['ms']:.2f}x inductor fp32, "
+          f"{e['inductor_bf16']['ms'] / e['bwta']['ms']:.2f}x inductor bf16")
+    print(f"wrote {RESULTS / (stem + '.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()
