@@ -432,16 +432,23 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, TypeInfo]:
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    # Shape inference needs initializer shapes, not their bytes: copy without the big payloads.
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if _numel(t) > SMALL_INT:
-            vi = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-            m.graph.input.append(vi) if t.name not in {i.name for i in m.graph.input} else None
-    keep = [t for t in m.graph.initializer if _numel(t) <= SMALL_INT]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
+    """The model without big initializer payloads (shape inference needs their shapes only),
+    built field by field so the weights are never copied."""
+    m = onnx.ModelProto(ir_version=model.ir_version)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if _numel(t) <= SMALL_INT and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return m
 
 
@@ -532,13 +539,13 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
         proto, _ = rewrite_quantizers(proto, quantizers, where)
         opset, domains = _opsets(proto, where)
     _check_nodes(proto, where, domains, CONVERTERS)
-    proto_w = onnx.ModelProto()
-    proto_w.CopyFrom(proto)
-    _load_external(proto_w, where, base_dir)
-    g = proto_w.graph
     if schemas.DOMAIN in domains:
         schemas.register()
-    types = _infer_types(proto_w)
+    types = _infer_types(proto)
+    # Only a model this function parsed itself can hold external references (a ModelProto given
+    # without a path fails on the first one before anything is changed), so loading in place is safe.
+    _load_external(proto, where, base_dir)
+    g = proto.graph
     ctx = Ctx(where, opset, types)
     ctx.fused_linear = fused_linear
     env: dict[str, Value] = {}
@@ -548,7 +555,9 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
             arr = numpy_helper.to_array(t)
         except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
             raise OnnxImportError(f"{where}: initializer {t.name!r} cannot be read: {type(e).__name__}: {e}") from None
-        env[t.name] = Const(torch.from_numpy(arr.copy()) if arr.dtype.kind != "U" else arr)
+        if arr.dtype.kind not in "biuf":
+            raise OnnxImportError(f"{where}: initializer {t.name!r} has non-numeric type {arr.dtype} (not supported)")
+        env[t.name] = Const(torch.from_numpy(arr if arr.flags.writeable else arr.copy()))
     for vi in g.input:
         if vi.name in inits:
             continue
