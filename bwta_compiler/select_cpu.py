@@ -15,9 +15,9 @@ best of 25 calls, after the nibble-split change.  GMAC/s at M = 1 / 4 / 16 / 64:
 Every tile is within ~10 % (the loop is bound by the vector ALUs: 8 ops per 256-bit word pair on
 4 pipes, ~128 bit-MACs per cycle, and 254 GMAC/s at 2.45 GHz is ~104 per cycle), so the table
 takes 3x2, the best at M >= 16, whose 6 byte counters stay in registers (AVX2 has 16 ymm; the
-activation operands are re-read from L1 as memory operands, which the load ports absorb).  block_n = 96
-rows keeps a weight block (96 x 512 B at K = 4096) in L2 while all M rows stream past it; a
-larger block (192) loses ~20 % at M = 64.  AVX-512 (VPOPCNTDQ) takes the 4x4 tile of the
+activation operands are re-read from L1 as memory operands, which the load ports absorb).  The
+cache block is sized in bytes (BLOCK_BYTES, half of L2), see block_rows below; the kernel shrinks
+it at run time so every thread gets at least two blocks.  AVX-512 (VPOPCNTDQ) takes the 4x4 tile of the
 prototype in shared/notes/toolchain.md section 3 (16 zmm counters + 8 + 4 operands); it is
 compile-checked here but this machine cannot run it, so its row is not measured here.  The
 portable path (scalar POPCNT, 16 general registers) measured 64-65 GMAC/s at M = 64 for 2x4 and
@@ -32,11 +32,11 @@ from typing import Optional
 from .config import Config
 from .kernels import GemmParams
 
-# (isa, m_max, tile_m, tile_n, block_n); m_max = 0 means "any M".
+# (isa, m_max, tile_m, tile_n, block_n); m_max = 0 means "any M"; block_n = 0: from BLOCK_BYTES.
 CPU_TABLE: tuple[tuple[str, int, int, int, int], ...] = (
-    ("avx512", 0, 4, 4, 128),
-    ("avx2", 0, 3, 2, 96),
-    ("portable", 0, 2, 4, 128),
+    ("avx512", 0, 4, 4, 0),
+    ("avx2", 0, 3, 2, 0),
+    ("portable", 0, 2, 4, 0),
 )
 
 
@@ -57,6 +57,18 @@ def choose_tile(isa: str, m_hint: int) -> tuple[int, int, int]:
     raise ValueError(f"no CPU tile table row for isa={isa!r}")
 
 
+# Bytes of packed weights per cache block: half the 512 KiB L2 of this machine's cores, so a block
+# stays in L2 next to the streaming activation rows (measured at K = N = 4096, 1 thread, CPU time:
+# block_n 512 -> 234 / 165 GMAC/s at M = 512 / 2048, block_n 96 -> 178 / 136; at M <= 64 within noise).
+BLOCK_BYTES = 256 << 10
+
+
+def block_rows(kw: int, tile_n: int) -> int:
+    """Weight rows per cache block for rows of ``kw`` int32 words (a multiple of tile_n)."""
+    rows = max(tile_n, BLOCK_BYTES // max(1, kw * 4))
+    return rows // tile_n * tile_n
+
+
 def _infer_op(base: GemmParams) -> str:
     # Linear layers have packed binary weights and a static N; attention operands have N = 0.
     return "linear" if base.b_act == "binary" and base.n > 0 else "qbmm"
@@ -70,6 +82,7 @@ def select_cpu_params(base: GemmParams, cfg: Config, m_hint: int = 0) -> GemmPar
     isa = resolve_isa(cfg)
     tm, tn, bn = choose_tile(isa, m_hint)
     op = _infer_op(base) if base.op == "linear" else base.op
+    bn = bn or block_rows(base.kw, tn)
     return dataclasses.replace(base, isa=isa, tile_m=tm, tile_n=tn, block_n=bn, op=op)
 
 
