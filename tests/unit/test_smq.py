@@ -16,6 +16,15 @@ from bwta_compiler.smq import (DistillConfig, FeatureTap, SMQSchedule, SMQTraine
                                activation_quantizers, cosine_lambda, distill_loss, projection_factor,
                                quantizer_levels, switch_stage)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is as fast, and far faster on a loaded machine (no OpenMP spin-waits).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- schedule ----------------------------------------------------------------------------------
 
 
