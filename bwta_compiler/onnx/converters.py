@@ -110,6 +110,12 @@ def onnx_gather(x: Tensor, idx: Tensor, axis: int) -> Tensor:
     return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
+def onnx_gather_elements(x: Tensor, idx: Tensor, axis: int) -> Tensor:
+    axis = axis % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    return torch.gather(x, axis, idx)
+
+
 def onnx_embedding(weight: Tensor, idx: Tensor) -> Tensor:
     idx = torch.where(idx < 0, idx + weight.shape[0], idx)
     return F.embedding(idx, weight)
@@ -641,6 +647,12 @@ def convert_gather(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     if axis == 0 and isinstance(x, Const) and x.t.dim() == 2 and isinstance(idx, torch.fx.Node):
         return ctx.call(onnx_embedding, x, idx)
     return ctx.call(onnx_gather, x, idx, axis)
+
+
+@register("GatherElements", rank=lambda ctx, i, a: ctx.rank(i[1]))
+def convert_gather_elements(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, idx = inputs
+    return ctx.call(onnx_gather_elements, x, idx, attrs.get("axis", 0))
 
 
 @register("Expand")

@@ -112,6 +112,8 @@ CASES = [
     ("gather_neg_idx", "Gather", {"x": f32(5, 3)}, {"i": np.array([[0, -1], [2, 4]], np.int64)}, {"axis": 0}, 1, 18),
     ("gather_axis1_scalar", "Gather", {"x": f32(2, 5, 3)}, {"i": np.array(-2, np.int64)}, {"axis": -2}, 1, 18),
     ("gather_runtime_ids", "Gather", {"i": np.array([[1, 0, 3]], np.int64)}, {"w": f32(4, 6)}, {"_order": ["w", "i"]}, 1, 18),
+    ("gather_elements_neg", "GatherElements", {"x": f32(3, 4)}, {"i": np.array([[0, -1, 1, 1], [2, 1, 0, 0], [3, 0, -2, 1]], np.int64)},
+     {"axis": -1}, 1, 18),
     ("expand_bidir", "Expand", {"x": f32(3, 1)}, {"s": np.array([2, 1, 4], np.int64)}, {}, 1, 18),
     ("shape_start_end", "Shape", {"x": f32(2, 3, 4, 5)}, {}, {"start": 1, "end": -1}, 1, 18),
     ("cast_to_int", "Cast", {"x": f32(6) * 3}, {}, {"to": TensorProto.INT64}, 1, 18),
