@@ -30,7 +30,7 @@ class Progress:
         print(f"[{self.i}/{self.total}] {text} ...", file=self.stream, flush=True)
         return self
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -75,7 +75,7 @@ class Sym:
         return f"Sym({self.items}, scalar={self.scalar})"
 
 
-Value = Union[fx.Node, Const, Sym, None]
+Value = Union[fx.Node, Const, Sym, None]  # noqa: UP007 - a runtime alias
 
 
 @dataclass
@@ -307,7 +307,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except Exception as e:  # protobuf DecodeError and friends
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
         raise OnnxImportError(f"{where}: not a valid ONNX file (truncated or not a protobuf ModelProto: "
                               f"{type(e).__name__}: {e})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
