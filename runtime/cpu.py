@@ -37,9 +37,13 @@ _ISA_MACRO = {"avx512": "BWTA_ISA_AVX512", "avx2": "BWTA_ISA_AVX2", "portable": 
 _PLANES = {"ternary": 2, "bool": 1, "binary": 1}
 # Template per kernel name; "bt" also serves the binary-activation linear (variant bb, op linear).
 CPU_TEMPLATES = {"bt": "gemm_bt.c.jinja", "tt": "gemm_tt.c.jinja", "ut": "gemm_ut.c.jinja", "bb": "gemm_bb.c.jinja"}
-# Word pairs (64-bit) below which a linear runs on one thread: ~30 us of AVX2 work, where an
-# OpenMP fork-join (and, on a busy machine, waiting for a descheduled thread) costs more.
-PAR_MIN_WORDS = 1 << 17
+# Word pairs (64-bit) below which a kernel runs on one thread: ~250 us of AVX2 work on one core.
+# Measured on the shared 2-core AMD EPYC (load 4-6): a 2-thread fork-join there costs a median of
+# 4-8 ms (whole scheduler ticks waiting for a preempted worker; torch's own bf16 F.linear at M = 1
+# showed the same 8 ms), so a decode GEMV (4096x4096: 2.6e5 pairs, 0.17 ms on one thread) went from
+# 0.17 ms to 8 ms with 2 threads.  Below this size the best case of a second thread (2x) is not
+# worth that risk; above it the work dwarfs a fork-join.  (A candidate for a config flag.)
+PAR_MIN_WORDS = 1 << 20
 _LINEAR_MODES = {"ternary": "bt_ternary", "bool": "bt_bool", "binary": "bb"}
 
 _LINEAR_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,

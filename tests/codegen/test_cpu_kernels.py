@@ -79,7 +79,6 @@ def _linear_inputs(case, m_shape: tuple[int, ...]):
 def test_linear_matches_reference(cfg, isa, case) -> None:
     kern = cpu.load_kernel(_linear_params(case, isa), cfg)
     act, k = case[0], case[3]
-    # (300,) with K = 4097 is big enough to take the multi-threaded path (torch.get_num_threads() > 1).
     for m_shape in [(1,), (3,), (129,), (2, 5), (300,)]:
         x, s, b, w, scale, bias, out_dtype = _linear_inputs(case, m_shape)
         got = kern(x, s, b, w, scale, bias, out_dtype)
@@ -152,9 +151,10 @@ def test_qbmm_reads_strided_b(cfg) -> None:
 
 def test_threads_do_not_change_results(cfg) -> None:
     """One thread and several threads (dynamic N blocks) give identical outputs."""
-    case = ("ternary", "float32", "float32", 1000, 64, True, True, True, (3, 2))
+    case = ("ternary", "float32", "float32", 1000, 128, True, True, True, (3, 2))
     kern = cpu.load_kernel(_linear_params(case, ISAS[-1]), cfg)
-    x, s, b, w, scale, bias, od = _linear_inputs(case, (256,))
+    x, s, b, w, scale, bias, od = _linear_inputs(case, (600,))
+    assert 600 * 128 * 16 > cpu.PAR_MIN_WORDS, "big enough for the multi-threaded path"
     want = reference.linear_reference(x, s, b, "ternary", w, 1000, scale, bias, od, 64)
     for threads in (1, 2, 3):
         kern.num_threads = threads
