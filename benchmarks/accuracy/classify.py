@@ -90,7 +90,7 @@ def main(argv=None):
     ap.add_argument("--task-weight", type=float, default=0.0)
     ap.add_argument("--seeds", default="0,1,2", help="QAT seeds (data order)")
     ap.add_argument("--variants", default="smq,direct,binary,noproj")
-    ap.add_argument("--compiled-examples", type=int, default=0, help="test examples for the compiled check (0 = all)")
+    ap.add_argument("--compiled-examples", type=int, default=0, help="test examples for the compiled check (0 = all, -1 = skip it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -174,7 +174,7 @@ def main(argv=None):
             res["runs"].setdefault(v, []).append({"seed": seed, **ev, "schedule": sched.describe(), "switch": switch,
                                                   "loss": [h["total"] for h in tr.history],
                                                   "seconds": time.time() - t1})
-            if v == "smq" and compiled_check is None:
+            if v == "smq" and compiled_check is None and args.compiled_examples >= 0:
                 compiled_check = compiled_matches(student, test_data, args.compiled_examples, log)
                 res["compiled_check"] = compiled_check
             save()
