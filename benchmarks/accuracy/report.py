@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+LABELS = {"float": "float (fine-tuned)", "smq": "BWTA + SMQ (levelwise, projection)",
+          "direct": "BWTA direct (ternary)", "binary": "binary activations", "noproj": "BWTA + SMQ without projection"}
+
+
 def _load(name):
     p = common.RESULTS / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -21,9 +25,10 @@ def _yn(b):
     return "holds" if b else "does NOT hold"
 
 
-def classification_section(r) -> list[str]:
+def classification_section(r, title="") -> list[str]:
     a, s = r["args"], r["sizes"]
-    out = [f"### MiniLM on {r['task']} ({s['train']} train / {s['test']} test examples, majority {100 * s['majority']:.1f}%)",
+    out = [f"### MiniLM on {r['task']}{title} ({s['train']} train / {s['test']} test examples, "
+           f"majority {100 * s['majority']:.1f}%)",
            "",
            f"Run size: max_len {a['max_len']}, batch {a['batch']}, float fine-tuning {a['float_steps']} steps, "
            f"{a['qat_steps']} QAT steps per BWTA variant, seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
@@ -34,7 +39,7 @@ def classification_section(r) -> list[str]:
     summ = r.get("summary") or {}
     if not summ:  # partial run
         for v, runs in r["runs"].items():
-            summ[v] = {"label": v, "acc_mean": runs[0]["acc"], "acc_std": 0.0, "seeds": len(runs),
+            summ[v] = {"label": LABELS.get(v, v), "acc_mean": runs[0]["acc"], "acc_std": 0.0, "seeds": len(runs),
                        "ci95_seed0": runs[0]["ci95"], "drop_vs_float": r["runs"]["float"][0]["acc"] - runs[0]["acc"]}
     for v, x in summ.items():
         out.append(f"| {x['label']} | {100 * x['acc_mean']:.2f} ± {100 * x['acc_std']:.2f} (n={x['seeds']}) | "
@@ -69,11 +74,11 @@ def _probe_stats(res):
             "after": sum(p["after"] for p in pr) / len(pr), "later": rec}
 
 
-def lm_section(r) -> list[str]:
+def lm_section(r, title="") -> list[str]:
     a, m, c = r["args"], r["model"], r["corpus"]
     res = r["results"]
     fp = res["float"]["ppl"]
-    out = ["### Tiny LLaMA-style LM, Wikipedia + news (trained from scratch)", "",
+    out = [f"### Tiny LLaMA-style LM, Wikipedia + news (trained from scratch){title}", "",
            f"Run size: {m['params']:,} parameters (hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}), "
            f"seq {a['seq']}, batch {a['batch']}, {c['train_tokens']:,} training tokens from {c['train_docs']} documents, "
            f"validation on the first {c['eval_tokens']:,} tokens of {c['val_docs']} held-out documents; float "
@@ -123,13 +128,15 @@ def main(argv=None):
     ap.add_argument("--suffix", default="")
     args = ap.parse_args(argv)
     lines = ["## Accuracy (SMQ training, real weights and text, CPU)", ""]
-    for t in ("rt", "20ng"):
+    # "_long" runs: the same set-up with a larger QAT budget for a subset of the variants.
+    for t in ("rt", "rt_long", "20ng"):
         r = _load(f"classify_{t}{args.suffix}")
         if r:
-            lines += classification_section(r)
-    r = _load(f"lm{args.suffix}")
-    if r:
-        lines += lm_section(r)
+            lines += classification_section(r, "" if "long" not in t else " — larger QAT budget")
+    for t in ("lm", "lm_long"):
+        r = _load(f"{t}{args.suffix}")
+        if r:
+            lines += lm_section(r, "" if "long" not in t else " — larger QAT budget")
     p = common.RESULTS / f"accuracy{args.suffix}.md"
     p.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
