@@ -184,15 +184,19 @@ class _FloatCore(AttentionCore):
 # ---- plain modules that call F.scaled_dot_product_attention ----------------------------------
 
 
-def _calls_sdpa(mod: nn.Module) -> bool:
+def _forward_source(mod: nn.Module) -> str:
+    """Source of a user module's forward ("" for bwta's own attention modules or no source)."""
     fwd = type(mod).forward
     if fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention)):
-        return False
+        return ""
     try:
-        src = inspect.getsource(fwd)
+        return inspect.getsource(fwd)
     except (OSError, TypeError):
-        return False
-    return "scaled_dot_product_attention" in src
+        return ""
+
+
+def _calls_sdpa(mod: nn.Module) -> bool:
+    return "scaled_dot_product_attention" in _forward_source(mod)
 
 
 def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -205,13 +209,7 @@ _SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functiona
 
 def _computes_attention(mod: nn.Module) -> bool:
     """A forward that multiplies activations around a softmax (hand-written attention)."""
-    fwd = type(mod).forward
-    if fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention)):
-        return False
-    try:
-        src = inspect.getsource(fwd)
-    except (OSError, TypeError):
-        return False
+    src = _forward_source(mod)
     return "softmax" in src and any(tok in src for tok in ("matmul", "@", "bmm"))
 
 
