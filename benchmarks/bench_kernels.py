@@ -23,14 +23,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from bwta_compiler.runtime import compile_cpu, cpu
 
 from bwta_compiler import config, formats, reference
-from bwta_compiler.runtime import compile_cpu, cpu
 from bwta_compiler.select_cpu import cpu_params
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008), (11008, 4096)]
@@ -109,7 +109,7 @@ def bench_shape(k: int, n: int, ms: list[int], cfg: config.Config) -> list[dict]
             assert torch.equal(kern(x, s, None, w_packed, scale, None, None), want), f"bwta != reference at {k}x{n}"
         x_bf16 = x.to(torch.bfloat16)
         x_i8 = torch.clamp(torch.round(x / 0.5), -1, 1).to(torch.int8)
-        t: dict[str, Optional[float]] = {
+        t: dict[str, float | None] = {
             "bwta": median_time(lambda: kern(x, s, None, w_packed, scale, None, None)),
             "fp32": median_time(lambda: F.linear(x, w))}
         for name, fn in (("bf16", lambda: F.linear(x_bf16, w_bf16)), ("int8", lambda: _int8(x_i8, w_i8t))):
@@ -159,7 +159,7 @@ def _ms(ms: dict, name: str) -> str:
     return f"~{ms[name + '_predicted']:8.0f}" if ms.get(name + "_predicted") else "      n/a"
 
 
-def _x(v: Optional[float]) -> str:
+def _x(v: float | None) -> str:
     return f"{v:6.1f}" if v else "   n/a"
 
 

@@ -27,7 +27,6 @@ portable path (scalar POPCNT, 16 general registers) measured 64-65 GMAC/s at M =
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from .config import Config
 from .kernels import GemmParams
@@ -87,8 +86,8 @@ def select_cpu_params(base: GemmParams, cfg: Config, m_hint: int = 0) -> GemmPar
 
 
 def cpu_params(variant: str, a_act: str, b_act: str, n: int, k: int, m_hint: int, in_dtype: str,
-               out_dtype: str, cfg: Config, *, has_scale: bool = True, scale_per_col: Optional[bool] = None,
-               has_bias: bool = False, b_kn: bool = False, op: Optional[str] = None) -> GemmParams:
+               out_dtype: str, cfg: Config, *, has_scale: bool = True, scale_per_col: bool | None = None,
+               has_bias: bool = False, b_kn: bool = False, op: str | None = None) -> GemmParams:
     """Build the full CPU ``GemmParams`` from the shape and dtypes (the issue's flat signature)."""
     from .formats import num_words
 

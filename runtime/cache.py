@@ -25,9 +25,9 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 log = logging.getLogger("bwta_compiler.runtime.cache")
 
@@ -153,7 +153,7 @@ class KernelCache:
                 self.evict(keep=directory)
             return entry
 
-    def _load_valid(self, key: CacheKey, directory: Path) -> Optional[CacheEntry]:
+    def _load_valid(self, key: CacheKey, directory: Path) -> CacheEntry | None:
         """The entry in ``directory`` if its manifest is valid and the artifact matches it."""
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
@@ -212,7 +212,7 @@ class KernelCache:
     def size_bytes(self) -> int:
         return sum(size for _, _, size, _ in self.entries())
 
-    def evict(self, keep: Optional[Path] = None) -> list[Path]:
+    def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove least recently used entries until the cache fits its limit; never ``keep``."""
         entries = sorted(self.entries(), key=lambda e: e[3])
         total = sum(e[2] for e in entries)
@@ -254,7 +254,7 @@ class _FileLock:
         self.path = path
         self.fd = -1
 
-    def __enter__(self) -> "_FileLock":
+    def __enter__(self) -> _FileLock:
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self

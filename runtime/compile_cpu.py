@@ -31,7 +31,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from bwta_compiler.errors import CompileError
 
@@ -65,7 +64,7 @@ class CompileOptions:
 
 
 @functools.lru_cache(maxsize=1)
-def find_compiler() -> Optional[str]:
+def find_compiler() -> str | None:
     """The C compiler to use: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on PATH, else None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):

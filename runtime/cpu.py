@@ -20,7 +20,7 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -140,7 +140,7 @@ def _override_source(source: str, cfg: Config) -> str:
     return path.read_text() if path.is_file() else source
 
 
-def load_kernel(params: GemmParams, cfg: Config) -> Optional["LoadedKernel"]:
+def load_kernel(params: GemmParams, cfg: Config) -> LoadedKernel | None:
     """Render, compile (through the cache) and load the kernel for ``params``.
 
     Returns None when there is no C compiler (``available()`` warned once; use the reference
@@ -203,7 +203,7 @@ class LoadedKernel:
     def _threads(self) -> int:
         return self.num_threads or torch.get_num_threads()
 
-    def _threshold(self, act: str, s: Tensor, b: Optional[Tensor], dtype: torch.dtype) -> float:
+    def _threshold(self, act: str, s: Tensor, b: Tensor | None, dtype: torch.dtype) -> float:
         """The code threshold as an exact fp32 value, from the one definition in ops (memoised)."""
         if act == "binary":
             return 0.0
@@ -234,8 +234,8 @@ class LoadedKernel:
             raise ValueError(f"{self.name}: {name} {tuple(t.shape)} has K={t.shape[k_dim] if t.dim() else None} "
                              f"at dim {k_dim}, kernel was built for K={self.params.k}")
 
-    def _epilogue_args(self, scale: Optional[Tensor], bias: Optional[Tensor], n: int,
-                       out_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _epilogue_args(self, scale: Tensor | None, bias: Tensor | None, n: int,
+                       out_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
         p = self.params
         if (scale is not None) != p.has_scale or (bias is not None) != p.has_bias:
             raise ValueError(f"{self.name}: built with has_scale={p.has_scale} has_bias={p.has_bias}, called with "
@@ -263,8 +263,8 @@ class LoadedKernel:
                              f"int32 ({p.n}, {p.kw})")
         return w if w.is_contiguous() else w.contiguous()
 
-    def _call_linear(self, x: Tensor, s: Tensor, b: Optional[Tensor], w_packed: Tensor,
-                     scale: Optional[Tensor], bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+    def _call_linear(self, x: Tensor, s: Tensor, b: Tensor | None, w_packed: Tensor,
+                     scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype | None) -> Tensor:
         p = self.params
         self._check_input("x", x, -1)
         w = self._check_weight(w_packed)
@@ -281,7 +281,7 @@ class LoadedKernel:
                               work.data_ptr(), pop.data_ptr(), self._threads())
         return out
 
-    def pack(self, x: Tensor, s: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    def pack(self, x: Tensor, s: Tensor, b: Tensor | None = None) -> Tensor:
         """Quantize+pack ``x`` [..., K] with this kernel's packer into bwta's exchange format
         (ternary [..., 2, Kw], else [..., Kw] int32 words), the same as ``reference.quantize_pack``."""
         p = self.params
@@ -299,9 +299,9 @@ class LoadedKernel:
 
     # ---- qbmm ------------------------------------------------------------------------------
 
-    def _call_qbmm(self, a: Tensor, a_s: Tensor, a_b: Optional[Tensor], b: Tensor, b_s: Tensor,
-                   b_b: Optional[Tensor], scale: Optional[Tensor], bias: Optional[Tensor],
-                   out_dtype: Optional[torch.dtype]) -> Tensor:
+    def _call_qbmm(self, a: Tensor, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_s: Tensor,
+                   b_b: Tensor | None, scale: Tensor | None, bias: Tensor | None,
+                   out_dtype: torch.dtype | None) -> Tensor:
         p = self.params
         self._check_input("a", a, -1)
         self._check_input("b", b, -2 if p.b_kn else -1)
@@ -340,5 +340,5 @@ def _f32_vector(t: Tensor) -> Tensor:
     return t.detach().reshape(-1).to(torch.float32).contiguous()
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
+def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()

@@ -12,11 +12,11 @@ import dataclasses
 
 import pytest
 import torch
+from bwta_compiler.runtime import compile_cpu, cpu
 
 from bwta_compiler import config, formats, kernel_registry, reference
 from bwta_compiler.errors import CompileError
 from bwta_compiler.kernels import GemmParams
-from bwta_compiler.runtime import compile_cpu, cpu
 from bwta_compiler.select_cpu import cpu_params, select_cpu_params
 
 pytestmark = pytest.mark.skipif(not compile_cpu.available(), reason="needs a C compiler")
