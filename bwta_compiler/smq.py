@@ -33,15 +33,23 @@ import contextlib
 import math
 import os
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .modules import AttentionCore, BoolQuantizer, BWTAAttention, TernaryQuantizer, apply_attention_mask, repeat_kv
+from .modules import (
+    AttentionCore,
+    BoolQuantizer,
+    BWTAAttention,
+    TernaryQuantizer,
+    apply_attention_mask,
+    repeat_kv,
+)
 
 SWITCH_METHODS = ("projection", "none", "mean", "search")
 
@@ -79,8 +87,8 @@ class SMQSchedule:
 
     # constructors -------------------------------------------------------------------------------
     @staticmethod
-    def levelwise(steps_per_stage: int, final_steps: Optional[int] = None, start: int = 8,
-                  end: int = 1) -> "SMQSchedule":
+    def levelwise(steps_per_stage: int, final_steps: int | None = None, start: int = 8,
+                  end: int = 1) -> SMQSchedule:
         """m = start, start-1, ..., end (17 -> 15 -> ... -> 3 levels by default); the last stage gets
         ``final_steps`` (default ``steps_per_stage``)."""
         if not 1 <= end <= start:
@@ -90,7 +98,7 @@ class SMQSchedule:
                                        (steps_per_stage if final_steps is None else final_steps)) for m in ms))
 
     @staticmethod
-    def bitwise(steps_per_stage: int, final_steps: Optional[int] = None, bits: Sequence[int] = (8, 4, 2)) -> "SMQSchedule":
+    def bitwise(steps_per_stage: int, final_steps: int | None = None, bits: Sequence[int] = (8, 4, 2)) -> SMQSchedule:
         """Halving bit widths: b bits -> m = 2^(b-1) - 1 (8 -> 127, 4 -> 7, 2 -> 1, i.e. 255 -> 15 -> 3 levels)."""
         ms = [2 ** (b - 1) - 1 for b in bits]
         n = len(ms)
@@ -99,7 +107,7 @@ class SMQSchedule:
                                  for i, m in enumerate(ms)))
 
     @staticmethod
-    def direct(steps: int, levels: int = 1) -> "SMQSchedule":
+    def direct(steps: int, levels: int = 1) -> SMQSchedule:
         """One stage at the final precision (BWTA trained directly at ternary)."""
         return SMQSchedule((Stage(levels, levels, steps),))
 
@@ -223,7 +231,7 @@ def _mean_init(q: nn.Module, x: Tensor, levels: int) -> Tensor:
     return (mult * x.abs().mean() / math.sqrt(levels)).clamp_min(1e-8)
 
 
-def switch_stage(model: nn.Module, stage: Stage, calibrate: Optional[Callable[[], Any]] = None,
+def switch_stage(model: nn.Module, stage: Stage, calibrate: Callable[[], Any] | None = None,
                  method: str = "projection", max_elems: int = 1 << 20) -> dict[str, dict[str, float]]:
     """Move every activation quantizer to ``stage``'s level count and re-initialise its scale.
 
@@ -289,7 +297,7 @@ class FeatureTap:
       :class:`BWTAAttention` — the probabilities entering ``p_quant`` (before the bool quantizer).
     """
 
-    def __init__(self, model: nn.Module, blocks: Optional[Sequence[nn.Module]] = None,
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module] | None = None,
                  hidden: bool = True, attention: bool = True) -> None:
         self.model = model
         self.blocks = list(blocks) if blocks is not None else _find_blocks(model)
@@ -299,7 +307,7 @@ class FeatureTap:
         self._handles: list = []
         self._wrapped: list[nn.Module] = []
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:  # noqa: PYI034  (py3.10: no typing.Self)
         self.hidden.clear()
         self.attn.clear()
         if self.want_hidden:
@@ -357,7 +365,7 @@ def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float = 1.
 
 
 def distill_loss(s_logits: Tensor, t_logits: Tensor, s_tap: FeatureTap, t_tap: FeatureTap,
-                 cfg: DistillConfig, mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+                 cfg: DistillConfig, mask: Tensor | None = None) -> dict[str, Tensor]:
     """The distillation terms (unweighted) and their weighted sum under ``"total"``.
 
     ``mask`` [B, T] (1 = real token) restricts the hidden-state MSE to real tokens."""
@@ -401,7 +409,7 @@ def cosine_lambda(total: int, warmup: int, floor: float = 0.0) -> Callable[[int]
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01,
-                   scale_lr: Optional[float] = None) -> torch.optim.AdamW:
+                   scale_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW; quantizer scales/offsets, norms and biases get no weight decay (scales may get their own LR)."""
     decay, no_decay, scales = [], [], []
     for name, p in model.named_parameters():
@@ -426,12 +434,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01,
 @dataclass
 class TrainConfig:
     lr: float = 2e-4
-    scale_lr: Optional[float] = None
+    scale_lr: float | None = None
     weight_decay: float = 0.01
     warmup: float = 0.1          # fraction of total steps (or an int number of steps if >= 1)
     grad_clip: float = 1.0
     switch: str = "projection"   # stage-switch scale re-initialisation: projection | none | mean | search
-    distill: Optional[DistillConfig] = field(default_factory=DistillConfig)
+    distill: DistillConfig | None = field(default_factory=DistillConfig)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -468,8 +476,8 @@ class SMQTrainer:
     """
 
     def __init__(self, model: nn.Module, schedule: SMQSchedule, forward: Callable[[nn.Module, Any], Tensor],
-                 task_loss: Callable[[Tensor, Any], Tensor], config: Optional[TrainConfig] = None,
-                 teacher: Optional[nn.Module] = None, mask_fn: Optional[Callable[[Any], Tensor]] = None,
+                 task_loss: Callable[[Tensor, Any], Tensor], config: TrainConfig | None = None,
+                 teacher: nn.Module | None = None, mask_fn: Callable[[Any], Tensor] | None = None,
                  calib_batch: Any = None) -> None:
         self.model, self.schedule, self.forward, self.task_loss = model, schedule, forward, task_loss
         self.config = config or TrainConfig()
@@ -483,7 +491,7 @@ class SMQTrainer:
         self.optimizer = make_optimizer(model, self.config.lr, self.config.weight_decay, self.config.scale_lr)
         total = max(1, schedule.total_steps)
         w = self.config.warmup
-        warm = int(w) if w >= 1 else int(round(w * total))
+        warm = int(w) if w >= 1 else round(w * total)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_lambda(total, warm))
         self.step = 0
         self.stage_idx = 0
@@ -500,7 +508,7 @@ class SMQTrainer:
             was_training = self.model.training
             self.model.eval()
             info = switch_stage(self.model, self.schedule.stages[self.stage_idx],
-                                lambda: self.forward(self.model, calib), self.config.switch)
+                                lambda c=calib: self.forward(self.model, c), self.config.switch)
             self.model.train(was_training)
             self.switches.append({"step": self.step, "stage": self.stage_idx, "quantizers": info})
 
@@ -538,10 +546,10 @@ class SMQTrainer:
         self.step += 1
         return rec
 
-    def fit(self, get_batch: Callable[[int], Any], steps: Optional[int] = None,
-            eval_fn: Optional[Callable[[nn.Module], dict[str, float]]] = None, eval_every: int = 0,
-            checkpoint: Optional[str] = None, checkpoint_every: int = 0,
-            log: Optional[Callable[[str], None]] = None) -> list[dict[str, float]]:
+    def fit(self, get_batch: Callable[[int], Any], steps: int | None = None,
+            eval_fn: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int = 0,
+            checkpoint: str | None = None, checkpoint_every: int = 0,
+            log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
         """Train until ``steps`` (default: the schedule's total) is reached, from the current step.
         ``eval_fn(model)`` results are appended to ``self.evals`` with the step."""
         end = self.schedule.total_steps if steps is None else steps
@@ -606,7 +614,22 @@ class SMQTrainer:
 
 
 __all__ = [
-    "DistillConfig", "FeatureTap", "SMQSchedule", "SMQTrainer", "SWITCH_METHODS", "Stage", "TrainConfig",
-    "activation_quantizers", "capture_quantizer_inputs", "cosine_lambda", "distill_loss", "make_optimizer",
-    "projection_factor", "quantizer_levels", "search_scale", "set_levels", "soft_cross_entropy", "switch_stage",
+    "SWITCH_METHODS",
+    "DistillConfig",
+    "FeatureTap",
+    "SMQSchedule",
+    "SMQTrainer",
+    "Stage",
+    "TrainConfig",
+    "activation_quantizers",
+    "capture_quantizer_inputs",
+    "cosine_lambda",
+    "distill_loss",
+    "make_optimizer",
+    "projection_factor",
+    "quantizer_levels",
+    "search_scale",
+    "set_levels",
+    "soft_cross_entropy",
+    "switch_stage",
 ]

