@@ -68,13 +68,27 @@ def setup_cache(parser: argparse.ArgumentParser) -> None:
         actions.add_parser(name, help=text).set_defaults(func=func)
 
 
+def _onnx_subcommands() -> dict[str, tuple[SetupFn, str]]:
+    # bwta_compiler.onnx.cli imports onnx only inside its handlers, so --help stays fast.
+    from .onnx import cli as onnx_cli
+
+    return {"compile": (onnx_cli.setup_compile, onnx_cli.COMPILE_HELP),
+            "bench": (onnx_cli.setup_bench, onnx_cli.BENCH_HELP)}
+
+
 SUBCOMMANDS: dict[str, tuple[SetupFn, str]] = {
+    **_onnx_subcommands(),
     "cache": (setup_cache, "inspect or clear the compiled-kernel cache"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bwta", description="bwta-compiler command line")
+    parser = argparse.ArgumentParser(
+        prog="bwta", description="bwta-compiler: compile BWTA binarized transformers to low-bit kernels",
+        epilog="examples:\n  bwta compile model.onnx --quantize --dump out/   # coverage report + kernel table\n"
+               "  bwta bench model.onnx --quantize                # bwta vs the float model\n"
+               "  bwta cache list                                 # what the kernel cache holds",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (setup, text) in SUBCOMMANDS.items():
         setup(sub.add_parser(name, help=text, description=text))
