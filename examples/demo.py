@@ -7,6 +7,7 @@ Run with ``make demo``.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import statistics
@@ -88,6 +89,10 @@ def main() -> None:
     print(f"\nWeight memory of the BWTA layers: float {fp / 2**20:.1f} MiB -> packed {packed / 2**20:.2f} MiB "
           f"({fp / packed:.1f}x smaller)")
 
+    frozen = bc.freeze(copy.deepcopy(model))
+    print(f"State dict: float model {bc.state_dict_bytes(float_model) / 2**20:.1f} MiB, "
+          f"frozen BWTA model (packed weights only) {bc.state_dict_bytes(frozen) / 2**20:.1f} MiB "
+          f"(embeddings stay float)")
     compile_and_compare(float_model, model, ids, mask)
 
 
