@@ -44,17 +44,25 @@ def classification_section(r, title="") -> list[str]:
         out.append(f"| {x['label']} | {100 * x['acc_mean']:.2f} ± {100 * x['acc_std']:.2f} (n={x['seeds']}) | "
                    f"[{100 * x['ci95_seed0'][0]:.1f}, {100 * x['ci95_seed0'][1]:.1f}] | {100 * x['drop_vs_float']:+.2f} |")
     out.append("")
-    if all(k in summ for k in ("smq", "direct", "binary")):
+    def sig(a, b):
+        (l1, h1), (l2, h2) = summ[a]["ci95_seed0"], summ[b]["ci95_seed0"]
+        return "" if h1 < l2 or h2 < l1 else " — not significant: the 95% intervals overlap"
+
+    if all(k in summ for k in ("smq", "direct")):
         f = summ["float"]["acc_mean"]
-        sm, di, bi = summ["smq"]["acc_mean"], summ["direct"]["acc_mean"], summ["binary"]["acc_mean"]
-        out.append(f"- SMQ closer to float than direct: {_yn(sm > di)} ({100 * sm:.2f} vs {100 * di:.2f}).")
-        out.append(f"- SMQ and direct both far above binary activations: {_yn(min(sm, di) > bi)} "
-                   f"(binary {100 * bi:.2f}).")
+        sm, di = summ["smq"]["acc_mean"], summ["direct"]["acc_mean"]
+        out.append(f"- SMQ closer to float than direct: {_yn(sm > di)} ({100 * sm:.2f} vs {100 * di:.2f}"
+                   f"{sig('smq', 'direct')}).")
+        if "binary" in summ:
+            bi = summ["binary"]["acc_mean"]
+            out.append(f"- SMQ and direct both far above binary activations: {_yn(min(sm, di) > bi)} "
+                       f"(binary {100 * bi:.2f}{sig('smq', 'binary')}).")
         out.append(f"- Goal, SMQ within 3.5 points of float: {_yn(f - sm <= 0.035)} ({100 * (f - sm):.2f} points).")
     if "noproj" in summ and "smq" in summ:
         out.append(f"- Projection factor helps (SMQ vs SMQ without projection): "
                    f"{_yn(summ['smq']['acc_mean'] > summ['noproj']['acc_mean'])} "
-                   f"({100 * summ['smq']['acc_mean']:.2f} vs {100 * summ['noproj']['acc_mean']:.2f}).")
+                   f"({100 * summ['smq']['acc_mean']:.2f} vs {100 * summ['noproj']['acc_mean']:.2f}"
+                   f"{sig('smq', 'noproj')}).")
     cc = r.get("compiled_check")
     if cc:
         out.append(f"- Compiled (`backend=\"bwta\"`) vs eager on the test set: {json.dumps(cc)}")
@@ -101,10 +109,12 @@ def lm_section(r, title="") -> list[str]:
             out.append(f"| {res[n].get('label', n)} | {s['n']} | {s['mean_jump']:.3f} | {s['max_jump']:.3f} | "
                        f"{s['after']:.3f} | {s['later'][1]:.3f} | {s['later'][5]:.3f} | {s['later'][20]:.3f} |")
         out.append("")
-    if all(k in res for k in ("smq", "direct", "binary")):
-        sm, di, bi = res["smq"]["ppl"], res["direct"]["ppl"], res["binary"]["ppl"]
-        out.append(f"- SMQ closer to float than direct: {_yn(sm < di)} (PPL {sm:.2f} vs {di:.2f}).")
-        out.append(f"- both far better than binary activations: {_yn(max(sm, di) < bi)} (binary {bi:.2f}).")
+    if all(k in res for k in ("smq", "direct")):
+        sm, di = res["smq"]["ppl"], res["direct"]["ppl"]
+        out.append(f"- SMQ closer to float than direct: {_yn(sm < di)} (PPL {sm:.2f} vs {di:.2f}; one seed).")
+        if "binary" in res:
+            bi = res["binary"]["ppl"]
+            out.append(f"- both far better than binary activations: {_yn(max(sm, di) < bi)} (binary {bi:.2f}).")
         out.append(f"- Goal, SMQ PPL within 15% of float: {_yn(sm <= 1.15 * fp)} ({100 * (sm / fp - 1):+.1f}%).")
     if "smq" in st and "bitwise" in st:
         out.append(f"- Levelwise recovers faster than bitwise at switches: "
