@@ -100,13 +100,14 @@ def binary_activations(model):
 
 
 def run_variant(name, teacher, schedule, switch, args, train, val, log, act="ternary", fixed=None):
-    torch.manual_seed(args.seed)
+    qs = args.seed if args.qat_seed is None else args.qat_seed
+    torch.manual_seed(qs)
     student = quantize(teacher, QuantConfig(act=act, levels=schedule.stages[0].levels))
     if act == "binary":
         binary_activations(student)
     cfg = TrainConfig(lr=args.qat_lr, warmup=0.05, switch=switch, distill=DistillConfig(task=args.task_weight))
     tr = SMQTrainer(student, schedule, lm_forward, lm_loss, cfg, teacher=teacher)
-    get = lambda s: window_batch(train, s, args.batch, args.seq, args.seed + 1)
+    get = lambda s: window_batch(train, s, args.batch, args.seq, qs + 1)
     probes = []
 
     def probe_loss():
@@ -190,7 +191,8 @@ def main(argv=None):
     ap.add_argument("--qat-lr", type=float, default=5e-4)
     ap.add_argument("--task-weight", type=float, default=0.0, help="hard-label CE weight next to distillation")
     ap.add_argument("--val-tokens", type=int, default=16384)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="corpus split, float model and (default) QAT seed")
+    ap.add_argument("--qat-seed", type=int, help="seed of the BWTA runs only (init order, data order)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="smq,direct,binary,none,mean,search,bitwise")
     ap.add_argument("--out", default="lm")

@@ -122,7 +122,7 @@ def lm_section(r, title="") -> list[str]:
                    f"{st['smq']['max_jump']:.3f} vs {st['bitwise']['max_jump']:.3f}); final PPL "
                    f"{res['smq']['ppl']:.2f} vs {res['bitwise']['ppl']:.2f}.")
     inits = [n for n in ("smq", "none", "mean", "search") if n in st]
-    if len(inits) > 1:
+    if len(inits) > 1 and "smq" in inits:
         # Loss levels before a switch differ between variants, so "closest start" compares the jump ratio.
         best_start = min(inits, key=lambda n: st[n]["mean_jump"])
         best_end = min(inits, key=lambda n: res[n]["ppl"])
@@ -143,10 +143,15 @@ def main(argv=None):
         r = _load(f"classify_{t}{args.suffix}")
         if r:
             lines += classification_section(r, "" if "long" not in t else " — larger QAT budget")
-    for t in ("lm", "lm_long"):
+    titles = {"lm": "", "lm_long": " — larger QAT budget", "lm_qatseed1": " — second QAT seed"}
+    for t, title in titles.items():
         r = _load(f"{t}{args.suffix}")
+        extra = _load(f"{t}_ablation{args.suffix}")  # variants run separately with the same float model
+        if r and extra:
+            r["results"].update({k: v for k, v in extra["results"].items() if k != "float"})
+            r["seconds"] = r.get("seconds", 0) + extra.get("seconds", 0)
         if r:
-            lines += lm_section(r, "" if "long" not in t else " — larger QAT budget")
+            lines += lm_section(r, title)
     p = common.RESULTS / f"accuracy{args.suffix}.md"
     p.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
