@@ -6,9 +6,10 @@ from packed words with the XOR/AND + popcount identities of DESIGN.md, then the 
 against (and they are tested against an integer matmul of the unpacked codes).
 
 ``bwta::linear`` and ``bwta::qbmm`` are the fused ops that the passes put into the graph:
-quantize -> pack -> MatMul -> epilogue in one node.  Their eager implementation is the
-reference path; when the backend has bound a generated kernel (the ``kernel_id``
-argument names it in :mod:`bwta_compiler.kernel_registry`), the same op launches it instead.
+quantize -> pack -> MatMul -> epilogue in one node.  When the backend has bound a generated
+kernel (the ``kernel_id`` argument names it in :mod:`bwta_compiler.kernel_registry`), the op
+launches it; otherwise it computes the same integers with a float GEMM on the codes (exact).
+``linear_reference`` / ``qbmm_reference`` are the popcount oracles of both.
 """
 
 from __future__ import annotations
@@ -140,6 +141,21 @@ def quantize_pack(x: Tensor, act: str, s: Tensor, b: Tensor | None, pad_bits: in
     raise ValueError(f"unknown activation quantizer {act!r}; expected one of {ACTS}")
 
 
+def act_codes(x: Tensor, act: str, s: Tensor, b: Tensor | None) -> Tensor:
+    """Integer codes of ``x`` under activation quantizer ``act`` (same rules as quantize_pack)."""
+    if act == "ternary":
+        return ternary_code_eager(x, s)
+    if act == "bool":
+        return bool_code_eager(x, s, b)
+    return sign_code_eager(x)
+
+
+def _exact_matmul(a_codes: Tensor, b_codes: Tensor) -> Tensor:
+    """Integer MatMul of codes through a float GEMM: exact while |sum| < 2^24 in fp32 (else fp64)."""
+    dtype = torch.float32 if a_codes.shape[-1] < (1 << 24) else torch.float64
+    return torch.matmul(a_codes.to(dtype), b_codes.to(dtype))
+
+
 def _check_act(op: str, act: str, s: Tensor, b: Tensor | None) -> None:
     if act not in ACTS:
         raise ValueError(f"bwta::{op}: unknown activation quantizer {act!r}; expected one of {ACTS}")
@@ -183,7 +199,11 @@ def linear(x: Tensor, s: Tensor, b: Tensor | None, act: str, w_packed: Tensor, k
         raise ValueError(f"bwta::linear: w_packed {tuple(w_packed.shape)} does not hold K={k} at pad_bits={pad_bits}")
     if kernel_id:
         return kernel_registry.get(kernel_id)(x, s, b, w_packed, scale, bias, out_dtype)
-    return linear_reference(x, s, b, act, w_packed, k, scale, bias, out_dtype, pad_bits)
+    # No generated kernel bound: the same integers through a float GEMM on codes (exact, and much
+    # faster than the popcount oracle ``linear_reference``, which the tests compare kernels with).
+    w = formats.unpack_binary_codes(w_packed, k, torch.float32)
+    acc = _exact_matmul(act_codes(x, act, s, b), w.t())
+    return epilogue(acc, scale, bias, out_dtype)
 
 
 @linear.register_fake
@@ -229,7 +249,10 @@ def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_ac
         raise ValueError(f"bwta::qbmm: contraction sizes differ: a {tuple(a.shape)} vs b {tuple(b.shape)} (b_kn={b_kn})")
     if kernel_id:
         return kernel_registry.get(kernel_id)(a, a_s, a_b, b, b_s, b_b, scale, bias, out_dtype)
-    return qbmm_reference(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale, bias, out_dtype, pad_bits)
+    # No generated kernel bound (e.g. a dynamic contraction length): exact GEMM on codes.
+    bk = act_codes(b, b_act, b_s, b_b)
+    acc = _exact_matmul(act_codes(a, a_act, a_s, a_b), bk if b_kn else bk.transpose(-1, -2))
+    return epilogue(acc, scale, bias, out_dtype)
 
 
 @qbmm.register_fake

@@ -109,3 +109,21 @@ def test_bad_inputs():
         bwta.qbmm(x, "ternary", s, None, torch.randn(3, 32), "ternary", s, None, False)
     with pytest.raises(TypeError, match="weight must be a floating tensor"):
         bwta.binary_code(torch.ones(3, 3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("act", ["ternary", "bool", "binary"])
+@pytest.mark.parametrize("k", [1, 33, 100, 257])
+def test_unbound_fused_ops_equal_popcount_oracles(act, k):
+    x = torch.randn(3, 4, k)
+    x = x.abs() if act == "bool" else x
+    s, b = torch.tensor(0.7), torch.tensor(0.05) if act == "bool" else None
+    wp = formats.pack_binary_codes(torch.where(torch.rand(9, k) < 0.5, 1.0, -1.0))
+    scale, bias = torch.rand(9) + 0.1, torch.randn(9)
+    got = bwta.linear(x, s, b, act, wp, k, scale, bias, torch.float16)
+    assert torch.equal(got, reference.linear_reference(x, s, b, act, wp, k, scale, bias, torch.float16, 64))
+    y = torch.randn(3, k, 5)
+    pairs = {"ternary": "ternary", "bool": "ternary", "binary": "binary"}
+    got = bwta.qbmm(x, act, s, b, y, pairs[act], torch.tensor(0.9), None, True, torch.tensor(0.3), None, None)
+    expect = reference.qbmm_reference(x, act, s, b, y, pairs[act], torch.tensor(0.9), None, True,
+                                      torch.tensor(0.3), None, None, 64)
+    assert torch.equal(got, expect)
