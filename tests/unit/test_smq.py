@@ -271,11 +271,12 @@ def test_compiled_trained_model_matches_eager():
     b = _batch(99, bsz=16)
     with torch.no_grad():
         eager = _fwd(model, b)
-        compiled = torch.compile(model, backend="bwta")
+        # fallback="eager": the float work outside bwta runs as in eager, so the SMQ-trained model
+        # compiled with bwta is the same function bit for bit (inductor may round LayerNorm differently).
+        compiled = torch.compile(model, backend="bwta", options={"fallback": "eager"})
         got = _fwd(compiled, b)
     assert torch.equal(eager.argmax(-1), got.argmax(-1))
-    # Same function; only float work outside the bwta ops (e.g. a fused LayerNorm) may round differently.
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got, eager)
 
 
 @pytest.mark.data
