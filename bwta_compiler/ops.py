@@ -286,41 +286,29 @@ def lsq_grad_scale(numel: int, levels: int = 1) -> float:
 # ---- packing ops -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{LIB}::pack_binary", mutates_args=())
-def pack_binary(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    """{-1,+1} codes [..., K] -> int32 words [..., Kw]."""
-    check_float("codes", codes, "pack_binary")
-    return formats.pack_binary_codes(codes, pad_bits)
+def _define_pack(kind: str, pack_fn, planes: int, doc: str):
+    """One packing op ``bwta::pack_<kind>``: float codes [..., K] -> int32 words."""
+    name = f"pack_{kind}"
+
+    @torch.library.custom_op(f"{LIB}::{name}", mutates_args=())
+    def pack(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
+        check_float("codes", codes, name)
+        return pack_fn(codes, pad_bits)
+
+    @pack.register_fake
+    def _(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
+        plane_dims = (2,) if planes == 2 else ()
+        shape = (*codes.shape[:-1], *plane_dims, formats.num_words(codes.shape[-1], pad_bits))
+        return codes.new_empty(shape, dtype=torch.int32)
+
+    pack.__doc__ = doc
+    return pack
 
 
-@pack_binary.register_fake
-def _(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    return codes.new_empty((*codes.shape[:-1], formats.num_words(codes.shape[-1], pad_bits)), dtype=torch.int32)
-
-
-@torch.library.custom_op(f"{LIB}::pack_ternary", mutates_args=())
-def pack_ternary(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    """{-1,0,+1} codes [..., K] -> int32 words [..., 2, Kw]."""
-    check_float("codes", codes, "pack_ternary")
-    return formats.pack_ternary_codes(codes, pad_bits)
-
-
-@pack_ternary.register_fake
-def _(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    shape = (*codes.shape[:-1], 2, formats.num_words(codes.shape[-1], pad_bits))
-    return codes.new_empty(shape, dtype=torch.int32)
-
-
-@torch.library.custom_op(f"{LIB}::pack_bool", mutates_args=())
-def pack_bool(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    """{0,1} codes [..., K] -> int32 words [..., Kw]."""
-    check_float("codes", codes, "pack_bool")
-    return formats.pack_bool_codes(codes, pad_bits)
-
-
-@pack_bool.register_fake
-def _(codes: Tensor, pad_bits: int = formats.DEFAULT_PAD_BITS) -> Tensor:
-    return codes.new_empty((*codes.shape[:-1], formats.num_words(codes.shape[-1], pad_bits)), dtype=torch.int32)
+pack_binary = _define_pack("binary", formats.pack_binary_codes, 1, "{-1,+1} codes [..., K] -> int32 words [..., Kw].")
+pack_ternary = _define_pack("ternary", formats.pack_ternary_codes, 2,
+                            "{-1,0,+1} codes [..., K] -> int32 words [..., 2, Kw].")
+pack_bool = _define_pack("bool", formats.pack_bool_codes, 1, "{0,1} codes [..., K] -> int32 words [..., Kw].")
 
 
 @torch.library.custom_op(f"{LIB}::unpack_binary", mutates_args=())
