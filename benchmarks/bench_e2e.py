@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from bwta_compiler.runtime import compile_cpu
 
 import bwta_compiler as bc
 from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
@@ -30,14 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = compile_cpu.cpu_model()
+    if cpu == "unknown":
+        cpu = platform.processor() or "unknown CPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

@@ -76,7 +76,7 @@ def median_time(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 1
 
 
 def machine() -> dict:
-    model = compile_cpu.arch_string().split(" flags:")[0]
+    model = compile_cpu.cpu_model()
     mhz = 0.0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -8,7 +8,7 @@ activations could flow between layers without a float round trip; the debug dump
 from __future__ import annotations
 
 import networkx as nx
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from .passes.patterns import bwta, is_call
 
@@ -57,7 +57,3 @@ def describe(gm: GraphModule) -> str:
     lines = [f"{len(r)} fused ops: {' '.join(r)}" for r in regions(gm)]
     lines += [f"{dst} <- {', '.join(srcs) or '(graph inputs)'}" for dst, srcs in feeds(gm).items()]
     return "\n".join(lines) + "\n"
-
-
-def is_fused(node: Node) -> bool:
-    return is_call(node, *_FUSED)

@@ -126,18 +126,22 @@ def isa_supported(isa: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def arch_string() -> str:
-    """CPU model plus a hash of its feature flags: -march=native makes the binary CPU-specific."""
-    model = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def arch_string() -> str:
+    """CPU model plus a hash of its feature flags: -march=native makes the binary CPU-specific."""
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    return f"{model} flags:{flags}"
+    return f"{cpu_model()} flags:{flags}"
 
 
 @functools.lru_cache(maxsize=1)
