@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -114,8 +115,11 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
     try:
         # Passes compute real constants (packed weights): leave the fake mode AOTAutograd set.
         with unset_fake_temporarily():
+            t0 = time.perf_counter()
             gm = run_pipeline(gm, ctx, PIPELINE, dump)
+            t1 = time.perf_counter()
             _bind_kernels(gm, ctx, rep, dump)
+            rep.seconds.update(passes=t1 - t0, kernels=time.perf_counter() - t1)
     except BWTAError as e:
         if cfg.strict:
             raise
@@ -130,10 +134,13 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
         from .graph_analysis import describe
 
         dump.text("regions.txt", describe(gm))
-    _finish_report(rep, dump, ctx)
     if cfg.strict and rep.lowbit < len(rep.matmuls):
+        _finish_report(rep, dump, ctx)
         raise UnsupportedError("bwta strict mode: MatMuls that cannot run in low bit:\n" + "\n".join(rep.lines()[1:]))
+    t0 = time.perf_counter()
     compiled = _fallback_compile(gm, fake_inputs, cfg, rep)
+    rep.seconds[f"fallback ({cfg.fallback})"] = time.perf_counter() - t0
+    _finish_report(rep, dump, ctx)
     return _with_weight_checks(compiled, gm, ctx)
 
 

@@ -16,6 +16,8 @@ except binary x binary, which therefore uses the true K.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 WORD_BITS = 32
@@ -60,11 +62,20 @@ def pack_bits(bits: torch.Tensor, pad_bits: int = DEFAULT_PAD_BITS) -> torch.Ten
     kp = padded_k(k, pad_bits)
     if kp != k:
         bits = torch.nn.functional.pad(bits, (0, kp - k))
-    grouped = bits.reshape(*bits.shape[:-1], kp // WORD_BITS, WORD_BITS).to(torch.int64)
-    words = (grouped * _bit_weights(bits.device)).sum(-1)
-    # Wrap to the signed int32 range explicitly: values >= 2^31 become negative int32.
-    words = torch.where(words >= (1 << 31), words - (1 << 32), words)
-    return words.to(torch.int32)
+    if sys.byteorder != "little":
+        grouped = bits.reshape(*bits.shape[:-1], kp // WORD_BITS, WORD_BITS).to(torch.int64)
+        words = (grouped * _bit_weights(bits.device)).sum(-1)
+        # Wrap to the signed int32 range explicitly: values >= 2^31 become negative int32.
+        words = torch.where(words >= (1 << 31), words - (1 << 32), words)
+        return words.to(torch.int32)
+    # Little-endian: four LSB-first bytes are one LSB-first int32 word, so pack bytes (8 shifts
+    # on a tensor an eighth the size) and reinterpret; ~5x faster than summing int64 bit weights,
+    # which matters when a BERT-base model's 85M weights are folded at compile time.
+    b = bits.reshape(*bits.shape[:-1], kp // 8, 8).to(torch.uint8)
+    packed = b[..., 0].clone()
+    for j in range(1, 8):
+        packed |= b[..., j] << j
+    return packed.view(torch.int32)
 
 
 def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:

@@ -70,15 +70,23 @@ def bool_thresholds(s: Tensor, b: Tensor, levels: int, dtype: torch.dtype) -> Te
 
 
 def _count_above(x: Tensor, thr: Tensor) -> Tensor:
-    out = torch.zeros_like(x)
-    for j in range(thr.numel()):
-        out = out + (x > thr[j]).to(x.dtype)
+    out = (x > thr[0]).to(x.dtype)
+    for j in range(1, thr.numel()):
+        out += (x > thr[j]).to(x.dtype)
+    return out
+
+
+def _count_below(x: Tensor, thr: Tensor) -> Tensor:
+    # x < -t is exactly -x > t (negation is exact), without materialising -x.
+    out = (x < -thr[0]).to(x.dtype)
+    for j in range(1, thr.numel()):
+        out += (x < -thr[j]).to(x.dtype)
     return out
 
 
 def ternary_code_eager(x: Tensor, s: Tensor, levels: int = 1) -> Tensor:
     thr = ternary_thresholds(s, levels, x.dtype)
-    return _count_above(x, thr) - _count_above(-x, thr)
+    return _count_above(x, thr) - _count_below(x, thr)
 
 
 def bool_code_eager(x: Tensor, s: Tensor, b: Tensor, levels: int = 1) -> Tensor:

@@ -15,6 +15,7 @@ class GraphReport:
     notes: list = field(default_factory=list)
     packed_weight_bytes: int = 0
     float_weight_bytes: int = 0
+    seconds: dict = field(default_factory=dict)      # compile phase -> wall seconds (passes, kernels, fallback)
 
     @property
     def lowbit(self) -> int:
@@ -29,6 +30,8 @@ class GraphReport:
         out += [f"  note: {n}" for n in self.notes]
         if self.float_weight_bytes:
             out.append(f"  weights: {self.float_weight_bytes} B float -> {self.packed_weight_bytes} B packed")
+        if self.seconds:
+            out.append("  compile time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()))
         return out
 
     def kernel_table(self) -> str:
