@@ -2,8 +2,9 @@
 
 What is rewritten:
 
-* ``nn.Linear`` -> :class:`BWTALinear` (unless a name pattern keeps it float; by default
-  embeddings, the LM head, classifier/pooler heads stay float);
+* ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored [in, out]) -> :class:`BWTALinear`
+  (unless a name pattern keeps it float; by default embeddings, the LM head, classifier/pooler
+  heads stay float);
 * :class:`AttentionCore` (the example models) -> :class:`BWTAAttention`;
 * ``nn.MultiheadAttention`` -> :class:`BWTAMultiheadAttention`;
 * Hugging Face transformers attention (``BertSelfAttention``, ``LlamaAttention``, ...): the model's
@@ -23,6 +24,7 @@ import copy
 import functools
 import inspect
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +93,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             if choice == "bwta":
                 _set_module(model, name, BWTALinear.from_linear(mod, config.act, config.levels))
             report.append(ReportEntry(name, "linear", choice, "" if choice == "bwta" else "kept float by rule"))
+        elif _is_hf_conv1d(mod):
+            if choice == "bwta":
+                _set_module(model, name, _linear_from_conv1d(mod, config))
+            report.append(ReportEntry(name, "linear", choice, "" if choice == "bwta" else "kept float by rule"))
         elif isinstance(mod, AttentionCore):
             if choice == "bwta" and config.attention:
                 _set_module(model, name, BWTAAttention(config.levels).to(_device_of(model)))
@@ -107,6 +113,23 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2, OpenAI GPT): a linear layer whose weight is stored [in, out].
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(mod, cls) and mod.weight.dim() == 2
+
+
+def _linear_from_conv1d(mod: nn.Module, config: QuantConfig) -> BWTALinear:
+    w = mod.weight                                   # [in, out]
+    new = BWTALinear(w.shape[0], w.shape[1], mod.bias is not None, config.act, config.levels,
+                     device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w.t())
+        if mod.bias is not None:
+            new.bias.copy_(mod.bias)
+    return new
 
 
 def _swap_mha(model: nn.Module, name: str, mod: nn.MultiheadAttention, choice: Choice, config: QuantConfig) -> ReportEntry:
