@@ -25,6 +25,7 @@ import functools
 import inspect
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -148,13 +149,41 @@ def _swap_mha(model: nn.Module, name: str, mod: nn.MultiheadAttention, choice: C
 
 def _bwta_hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface function: [B, H, T, D] in, [B, T, H, D] out."""
+    unsupported = [k for k in _HF_FLOAT_ONLY_KWARGS if kwargs.get(k) is not None]
+    if unsupported:
+        return _hf_float_attention(module, query, key, value, attention_mask, scaling, dropout, unsupported, **kwargs)
     core: BWTAAttention = module.bwta_core
     mask = attention_mask
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :, : key.shape[-2]]
-    is_causal = mask is None and getattr(module, "is_causal", False) and query.shape[-2] > 1
+    bias = kwargs.get("position_bias")        # T5-style relative position bias, added to the scores
+    if bias is not None:
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        bias = bias[..., : key.shape[-2]]
+        mask = bias if mask is None else bias + mask
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    is_causal = attention_mask is None and bool(causal) and query.shape[-2] > 1
     out = core(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+# Attention-interface arguments the BWTA core does not implement (logit soft-capping, attention
+# sinks): such calls run the model's own float attention instead of a wrong low-bit one.
+_HF_FLOAT_ONLY_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+def _hf_float_attention(module, query, key, value, attention_mask, scaling, dropout, unsupported, **kwargs):
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if not getattr(module, "_bwta_float_warned", False):
+        module._bwta_float_warned = True
+        warnings.warn(f"bwta: {type(module).__name__} passes {', '.join(unsupported)} to attention, which BWTA "
+                      "attention does not implement; this attention runs in float", stacklevel=3)
+    if eager is None:
+        raise NotImplementedError(f"bwta: {type(module).__name__} attention with {', '.join(unsupported)} "
+                                  "has no float eager_attention_forward to fall back to")
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 @functools.lru_cache(maxsize=1)
