@@ -9,6 +9,7 @@ checks each folded parameter's version counter and repacks when it was changed i
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 from torch.fx import GraphModule
@@ -19,11 +20,31 @@ from .context import FoldedWeight, PassContext
 from .patterns import bwta, is_call
 
 
+# Packed weights by parameter: a model compiles to several graphs (prefill, decode step, a graph
+# break, a new dynamic shape) that fold the same parameters; packing a LLaMA-7B layer's 400M
+# weights takes seconds, so each (tensor, version, pad_bits) is packed once.  Keyed by identity
+# (tensors compare elementwise, so no WeakKeyDictionary); the entry goes when the tensor does.
+_PACKED: dict[int, tuple] = {}
+
+
+def _forget(ref: weakref.ref, ident: int) -> None:
+    if ident in _PACKED and _PACKED[ident][0] is ref:
+        del _PACKED[ident]
+
+
 def pack_weight(w: torch.Tensor, pad_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed words [N, Kw] int32, alpha [N] fp32) of a float weight [N, K]."""
+    key = (w._version, pad_bits, w.dtype, tuple(w.shape))
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        # Copies: each graph owns its constants (the run-time repack writes into them in place).
+        return hit[2].clone(), hit[3].clone()
     with torch.no_grad():
         codes, alpha = ops.binary_code_eager(w.detach())
-        return formats.pack_binary_codes(codes, pad_bits).contiguous(), alpha.contiguous()
+        packed, alpha = formats.pack_binary_codes(codes, pad_bits).contiguous(), alpha.contiguous()
+    ident = id(w)
+    _PACKED[ident] = (weakref.ref(w, lambda r, i=ident: _forget(r, i)), key, packed, alpha)
+    return packed.clone(), alpha.clone()
 
 
 def _own_packed_input(gm: GraphModule, node, ctx: PassContext) -> None:
