@@ -288,6 +288,11 @@ class BWTAMultiheadAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = projs
         self.out_proj = BWTALinear.from_linear(mha.out_proj, act)
         self.core = BWTAAttention()
+        # nn.TransformerEncoderLayer / nn.TransformerEncoder read these to decide on their fused
+        # float fast path (torch._transformer_encoder_layer_fwd); None turns it off, so the BWTA
+        # projections are always the ones that run.
+        self.in_proj_weight = self.in_proj_bias = None
+        self._qkv_same_embed_dim = False
         if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
             raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v, add_zero_attn and dropout are not supported")
 

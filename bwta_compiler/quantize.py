@@ -107,6 +107,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             report.append(entry)
     report.extend(_patch_hf_attention(model, config))
     report.extend(_patch_sdpa_callers(model, config))
+    _disable_torch_fast_paths(model)
     model.bwta_report = report
     return model
 
@@ -114,6 +115,20 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _disable_torch_fast_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer / nn.TransformerEncoder have a fused float inference fast path that
+    reads ``linear1.weight`` etc. directly (and nested tensors for padding masks): it would skip the
+    BWTA layers, so it is turned off where a layer holds any."""
+    bwta_types = (BWTALinear, BWTAMultiheadAttention, BWTAAttention)
+    for mod in model.modules():
+        if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and any(
+                isinstance(m, bwta_types) for m in mod.modules()):
+            if isinstance(mod, nn.TransformerEncoder):
+                mod.use_nested_tensor = False
+            else:
+                mod.activation_relu_or_gelu = 0      # only read by the fast-path check
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
