@@ -85,17 +85,33 @@ def _replay(gm: GraphModule, src: Node, chain: list[Node], before: Node) -> Node
     return cur
 
 
+_BROADCAST_OPS = (aten.expand.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                  aten.unsqueeze.default, aten.clone.default, aten.contiguous.default)
+
+
+def _is_batch_broadcast(op: Node, kn: tuple) -> bool:
+    """A layout op on the transposed weight that keeps its last two dims ``kn`` = (K, N): every
+    [K, N] slice of the result is the weight (``linear`` on a non-contiguous 3-d input lowers to
+    ``bmm(x, expand(t(W), [B, K, N]))``)."""
+    val = meta_val(op)
+    return op.target in _BROADCAST_OPS and val is not None and val.dim() >= 2 and tuple(val.shape[-2:]) == kn
+
+
 def _weight_of(b: Node) -> tuple[Node, int] | None:
-    """(packed-words get_attr node, K) when ``b`` is ``t(unpack_binary(get_attr))``."""
+    """(packed-words get_attr node, K) when ``b`` is ``t(unpack_binary(get_attr))``, optionally
+    broadcast along leading batch dims."""
     src, chain = walk_layout(b)
     layout = [n for n in chain if n.target not in CONVERT_OPS]
-    transposed = len(layout) == 1 and (layout[0].target == aten.t.default or
+    transposed = len(layout) >= 1 and (layout[0].target == aten.t.default or
                                        (layout[0].target == aten.transpose.int and
                                         sorted(a % 2 for a in layout[0].args[1:3]) == [0, 1]) or
                                        (layout[0].target == aten.permute.default and list(layout[0].args[1]) == [1, 0]))
-    if is_call(src, bwta.unpack_binary.default) and src.args[0].op == "get_attr" and transposed:
-        return src.args[0], int(src.args[1])
-    return None
+    if not (is_call(src, bwta.unpack_binary.default) and src.args[0].op == "get_attr" and transposed):
+        return None
+    kn_val = meta_val(layout[0])
+    if layout[1:] and (kn_val is None or not all(_is_batch_broadcast(op, tuple(kn_val.shape)) for op in layout[1:])):
+        return None
+    return src.args[0], int(src.args[1])
 
 
 def _why_not(a_src: Node, b_src: Node, gm: GraphModule) -> str:
@@ -124,7 +140,7 @@ def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> str | None:
     s, boff = code_scale_args(a_src)
     out_val = meta_val(mm)
     x_val = meta_val(x)
-    weight = _weight_of(b) if mm.target == aten.mm.default else None
+    weight = _weight_of(b)
     if weight is not None:
         packed, k = weight
         xa = _replay(gm, x, a_chain, mm)
