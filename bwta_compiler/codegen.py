@@ -36,7 +36,7 @@ def environment(target: str) -> jinja2.Environment:
 def _check_value(name: str, value: Any) -> Any:
     if not isinstance(value, _ALLOWED_TYPES):
         raise TypeError(f"template value {name!r} has type {type(value).__name__}; only plain scalars are rendered")
-    if isinstance(value, str) and not value.replace("_", "").isalnum():
+    if isinstance(value, str) and value and not value.replace("_", "").isalnum():  # "" = unset
         raise ValueError(f"template value {name!r}={value!r} is not an identifier-like enum")
     return value
 

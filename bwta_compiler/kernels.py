@@ -54,6 +54,7 @@ class GemmParams:
     impl: str = "popc"            # CUDA: "mma" (binary tensor cores) | "popc" (CUDA cores)
     op: str = "linear"            # fused op the kernel serves: "linear" (bwta::linear) | "qbmm" (bwta::qbmm)
     block_n: int = 0              # CPU: B rows per cache block (a block's packed rows stay in L2); 0 = all
+    b_dtype: str = ""             # dtype of a B activation when it differs from in_dtype (CPU qbmm_rows)
     warps_m: int = 1              # CUDA: warps along M (tokens) per block
     warps_n: int = 4              # CUDA: warps along N (rows / keys) per block
 

@@ -27,12 +27,17 @@ def _choose(spec: FusedSpec, ctx: PassContext) -> KernelChoice:
     params = gemm_params(spec, ctx.cfg.pad_bits)
     if not ctx.cfg.codegen:
         return KernelChoice(spec.variant, "reference", params=params, reason="codegen disabled (reference op)")
-    if spec.k == 0:
-        return KernelChoice(spec.variant, "reference", params=params, reason="dynamic contraction length")
-    if spec.b_dtype and spec.b_dtype != spec.in_dtype:
-        # Kernels quantize both operands in one input dtype; the thresholds differ per dtype.
-        return KernelChoice(spec.variant, "reference", params=params,
-                            reason=f"mixed operand dtypes {spec.in_dtype} x {spec.b_dtype}")
+    mixed = bool(spec.b_dtype) and spec.b_dtype != spec.in_dtype
+    if spec.k == 0 or mixed:
+        # A run-time key length (P.V of a growing KV cache, dynamic sequence lengths) or operands
+        # in two dtypes (fp32 probabilities x bf16 V): the CPU has a kernel that needs only a
+        # static N (the head dim) and loads each operand in its own dtype; elsewhere the reference.
+        if ctx.target == "cpu" and spec.op == "qbmm" and spec.variant in ("ut", "tt") and spec.b_kn \
+                and 0 < spec.n <= 1024:
+            return KernelChoice(spec.variant, "cpu", template="qbmm_rows", params=params.replace(
+                n=spec.n, op="qbmm_rows", b_dtype=spec.b_dtype if mixed else ""))
+        reason = f"mixed operand dtypes {spec.in_dtype} x {spec.b_dtype}" if mixed else "dynamic contraction length"
+        return KernelChoice(spec.variant, "reference", params=params, reason=reason)
     template = f"{spec.op}_{spec.variant}" if spec.op == "linear" else f"gemm_{spec.variant}"
     return KernelChoice(spec.variant, ctx.target, template=template, params=params)
 

@@ -36,7 +36,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _ISA_MACRO = {"avx512": "BWTA_ISA_AVX512", "avx2": "BWTA_ISA_AVX2", "portable": "BWTA_ISA_PORTABLE"}
 _PLANES = {"ternary": 2, "bool": 1, "binary": 1}
 # Template per kernel name; "bt" also serves the binary-activation linear (variant bb, op linear).
-CPU_TEMPLATES = {"bt": "gemm_bt.c.jinja", "tt": "gemm_tt.c.jinja", "ut": "gemm_ut.c.jinja", "bb": "gemm_bb.c.jinja"}
+CPU_TEMPLATES = {"bt": "gemm_bt.c.jinja", "tt": "gemm_tt.c.jinja", "ut": "gemm_ut.c.jinja", "bb": "gemm_bb.c.jinja",
+                 "rows": "qbmm_rows.c.jinja"}
 # Word pairs (64-bit) below which a kernel runs on one thread: ~250 us of AVX2 work on one core.
 # Measured on the shared 2-core AMD EPYC (load 4-6): a 2-thread fork-join there costs a median of
 # 4-8 ms (whole scheduler ticks waiting for a preempted worker; torch's own bf16 F.linear at M = 1
@@ -52,6 +53,8 @@ _PACK_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, 
               ctypes.c_void_p, ctypes.c_int]
 _QBMM_ARGS = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2 \
     + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+_ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float] * 2 \
+    + [ctypes.c_void_p] * 3 + [ctypes.c_int]
 
 
 def _register_templates() -> None:
@@ -73,13 +76,19 @@ def available() -> bool:
 
 
 def template_name(params: GemmParams) -> str:
-    return "bt" if params.op == "linear" else params.variant
+    return {"linear": "bt", "qbmm_rows": "rows"}.get(params.op, params.variant)
 
 
 def check_params(params: GemmParams) -> None:
     """Reject Params the CPU templates cannot render (clear message naming the field)."""
-    if params.op not in ("linear", "qbmm"):
-        raise ValueError(f"GemmParams.op must be 'linear' or 'qbmm', got {params.op!r}")
+    if params.op not in ("linear", "qbmm", "qbmm_rows"):
+        raise ValueError(f"GemmParams.op must be 'linear', 'qbmm' or 'qbmm_rows', got {params.op!r}")
+    if params.b_dtype and (params.op != "qbmm_rows" or params.b_dtype not in _DTYPES):
+        raise ValueError(f"b_dtype={params.b_dtype!r}: a separate B dtype is a qbmm_rows option, one of {sorted(_DTYPES)}")
+    if params.op == "qbmm_rows" and not (params.variant in ("ut", "tt") and params.b_act == "ternary"
+                                         and params.b_kn and 1 <= params.n <= 1024):
+        raise ValueError(f"a qbmm_rows kernel is ut/tt with a ternary [K, N] B and a static N in 1..1024, got "
+                         f"variant={params.variant} b_act={params.b_act} b_kn={params.b_kn} n={params.n}")
     if params.isa not in _ISA_MACRO:
         raise ValueError(f"GemmParams.isa {params.isa!r} is not a CPU isa; expected one of {sorted(_ISA_MACRO)}")
     if params.kw % 2 or params.pad_bits % 64:
@@ -125,7 +134,7 @@ def make_source(params: GemmParams) -> str:
 def kernel_name(params: GemmParams) -> str:
     """Stable name, e.g. ``bt_n3072_k768_1a2b3c4d`` (hash of every Params field)."""
     h = hashlib.sha256(params.to_json().encode()).hexdigest()[:8]
-    shape = f"n{params.n}_k{params.k}" if params.op == "linear" else f"qbmm_k{params.k}"
+    shape = {"linear": f"n{params.n}_k{params.k}", "qbmm_rows": f"rows_n{params.n}"}.get(params.op, f"qbmm_k{params.k}")
     return f"{params.variant}_{shape}_{h}"
 
 
@@ -190,12 +199,16 @@ class LoadedKernel:
         if self.params.op == "linear":
             self._lib.bwta_linear.argtypes, self._lib.bwta_linear.restype = _LINEAR_ARGS, None
             self._lib.bwta_pack.argtypes, self._lib.bwta_pack.restype = _PACK_ARGS, None
+        elif self.params.op == "qbmm_rows":
+            self._lib.bwta_qbmm_rows.argtypes, self._lib.bwta_qbmm_rows.restype = _ROWS_ARGS, None
         else:
             self._lib.bwta_qbmm.argtypes, self._lib.bwta_qbmm.restype = _QBMM_ARGS, None
 
     def __call__(self, *args: Any) -> Tensor:
         if self.params.op == "linear":
             return self._call_linear(*args)
+        if self.params.op == "qbmm_rows":
+            return self._call_qbmm_rows(*args)
         return self._call_qbmm(*args)
 
     # ---- shared helpers --------------------------------------------------------------------
@@ -329,6 +342,36 @@ class LoadedKernel:
                             self._threshold(p.a_act, a_s, a_b, a.dtype), self._threshold(p.b_act, b_s, b_b, b.dtype),
                             _ptr(scale), _ptr(bias), out.data_ptr(), wa.data_ptr(), pa.data_ptr(), wb.data_ptr(),
                             pb.data_ptr(), self._threads())
+        return out
+
+    def _call_qbmm_rows(self, a: Tensor, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_s: Tensor,
+                        b_b: Tensor | None, scale: Tensor | None, bias: Tensor | None,
+                        out_dtype: torch.dtype | None) -> Tensor:
+        """``bwta::qbmm`` with B in [.., K, N] layout and K a run-time length (see qbmm_rows.c.jinja)."""
+        p = self.params
+        for name, t, dt in (("a", a, p.in_dtype), ("b", b, p.b_dtype or p.in_dtype)):
+            want = _DTYPES[dt]
+            if t.dtype != want or t.dim() < 2:
+                raise ValueError(f"{self.name}: {name} is {t.dtype} {tuple(t.shape)}, kernel was built for {want} "
+                                 f"with at least 2 dims")
+        k, n = a.shape[-1], b.shape[-1]
+        if b.shape[-2] != k or n != p.n:
+            raise ValueError(f"{self.name}: a {tuple(a.shape)} and b {tuple(b.shape)} do not match "
+                             f"[.., M, K] x [.., K, N={p.n}]")
+        scale, bias = self._epilogue_args(scale, bias, n, out_dtype)
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        m = a.shape[-2]
+        out = torch.empty((*batch, m, n), dtype=_DTYPES[p.out_dtype])
+        if out.numel() == 0:
+            return out
+        a3 = a.detach().expand(*batch, m, k).reshape(-1, m, k).contiguous()
+        b3 = b.detach().expand(*batch, k, n).reshape(-1, k, n)
+        if b3.stride(-1) != 1:
+            b3 = b3.contiguous()
+        self._lib.bwta_qbmm_rows(a3.data_ptr(), b3.data_ptr(), a3.shape[0], m, k, b3.stride(0), b3.stride(1),
+                                 self._threshold(p.a_act, a_s, a_b, a.dtype),
+                                 self._threshold(p.b_act, b_s, b_b, b.dtype),
+                                 _ptr(scale), _ptr(bias), out.data_ptr(), self._threads())
         return out
 
 
