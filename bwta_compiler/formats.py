@@ -71,8 +71,8 @@ def pack_bits(bits: torch.Tensor, pad_bits: int = DEFAULT_PAD_BITS) -> torch.Ten
     # Little-endian: four LSB-first bytes are one LSB-first int32 word, so pack bytes (8 shifts
     # on a tensor an eighth the size) and reinterpret; ~5x faster than summing int64 bit weights,
     # which matters when a BERT-base model's 85M weights are folded at compile time.
-    b = bits.reshape(*bits.shape[:-1], kp // 8, 8).to(torch.uint8)
-    packed = b[..., 0].clone()
+    b = bits.contiguous().reshape(*bits.shape[:-1], kp // 8, 8).to(torch.uint8)
+    packed = b[..., 0].clone(memory_format=torch.contiguous_format)  # the int32 view needs unit stride
     for j in range(1, 8):
         packed |= b[..., j] << j
     return packed.view(torch.int32)

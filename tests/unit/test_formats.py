@@ -69,3 +69,16 @@ def test_bad_inputs():
         formats.unpack_bits(torch.ones(2, 2), 10)
     with pytest.raises(ValueError, match="K=100"):
         formats.unpack_bits(torch.zeros(2, 2, dtype=torch.int32), 100)
+
+
+@pytest.mark.parametrize("shape,dim0,dim1", [((3, 128, 40), -1, -2), ((64, 5), 0, 1), ((2, 3, 256, 9), 1, 3), ((3, 130, 40), -1, -2)])
+def test_pack_bits_of_strided_views_equals_contiguous(shape, dim0, dim1):
+    """Packing reads a transposed / strided view (e.g. V^T of attention) like its contiguous copy
+    (K a multiple of 64 included: no padding copy hides the strides)."""
+    torch.manual_seed(sum(shape))
+    bits = (torch.randn(shape) > 0).transpose(dim0, dim1)
+    assert not bits.is_contiguous()
+    want = formats.pack_bits(bits.contiguous())
+    assert torch.equal(formats.pack_bits(bits), want)
+    assert torch.equal(formats.unpack_bits(want, bits.shape[-1]), bits)
+    assert torch.equal(formats.pack_bits(bits[..., ::2]), formats.pack_bits(bits[..., ::2].contiguous()))
