@@ -237,6 +237,13 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
     if any(e.choice == "bwta" for e in entries):
         model.set_attn_implementation("bwta")
+        if model.config._attn_implementation != "bwta":
+            # The model computes attention itself (e.g. Falcon, Bloom): it stays float, and says so.
+            why = f"{type(model).__name__} does not use transformers' AttentionInterface"
+            for _, mod in attn_modules:
+                if hasattr(mod, "bwta_core"):
+                    del mod.bwta_core
+            return [ReportEntry(n, "attention", "float", why) for n, _ in attn_modules]
         for name, mod in attn_modules:
             if not hasattr(mod, "bwta_core"):
                 # Kept-float layers run the same function with a float core.

@@ -338,3 +338,13 @@ def test_failed_graph_reports_its_matmuls_and_warns():
                                         [((torch.randn(3, 8),), {})])
     assert any("runs without bwta" in str(w.message) for w in caught)
     assert rep.lowbit == 0 and rep.total == 2 and rep.graphs[0].mode == "failed", str(rep)
+
+
+def test_hf_model_without_attention_interface_reports_float_attention():
+    tf = pytest.importorskip("transformers")
+    model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=4)).eval()
+    q = bc.quantize(model)
+    entries = [e for e in q.bwta_report if e.kind == "attention"]
+    assert entries and all(e.choice == "float" and "AttentionInterface" in e.reason for e in entries)
+    assert not any(hasattr(m, "bwta_core") for m in q.modules())
