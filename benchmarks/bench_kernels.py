@@ -172,6 +172,55 @@ def _fmt(r: dict) -> str:
             f"{100 * r['popc_peak_frac']:4.1f}% peak")
 
 
+# Attention MatMuls: (label, batch*heads, query rows M, keys S, head dim D).  Decode rows use the
+# kernels a KV-cache decode step binds: Q.K^T the packed TT kernel (static D), P.V the qbmm_rows
+# kernel (run-time key length); the BERT-base prefill rows use the packed TT / UT kernels.
+ATTENTION = [("decode, 32 heads x 128", 32, 1, 512, 128), ("decode, 32 heads x 128", 32, 1, 2048, 128),
+             ("BERT-base prefill, batch 8", 96, 128, 128, 64)]
+
+
+def _attention_kernel(cfg: config.Config, variant: str, d_or_k: int, m: int, rows: bool):
+    from bwta_compiler.kernels import GemmParams
+    from bwta_compiler.select_cpu import select_cpu_params
+
+    a_act = "bool" if variant == "ut" else "ternary"
+    if rows:
+        base = GemmParams(variant=variant, a_act=a_act, b_act="ternary", k=0, kw=0, n=d_or_k, has_scale=True,
+                          scale_per_col=False, b_kn=True, op="qbmm_rows")
+        return cpu.load_kernel(select_cpu_params(base, cfg), cfg)
+    return cpu.load_kernel(cpu_params(variant, a_act, "ternary", 0, d_or_k, m, "float32", "float32", cfg,
+                                      b_kn=True, op="qbmm", scale_per_col=False), cfg)
+
+
+def bench_attention(cfg: config.Config) -> list[dict]:
+    """Q.K^T and P.V as bwta runs them (quantization of both operands included) against fp32 matmul
+    on the float operands, and against the exact reference path (float GEMM on codes) for P.V."""
+    out = []
+    for label, nb, m, s, d in ATTENTION:
+        decode = m == 1
+        q, k = torch.randn(nb, m, d), torch.randn(nb, s, d)
+        p, v = torch.softmax(torch.randn(nb, m, s) * 2, -1), torch.randn(nb, s, d)
+        kt = k.transpose(-1, -2)                                     # [.., D, S]: how the graph passes K^T
+        t_s, p_s, p_b, scale = torch.tensor(0.5), torch.tensor(1.0 / s), torch.tensor(0.0), torch.tensor([0.1])
+        qk = _attention_kernel(cfg, "tt", d, m, rows=False)
+        pv = _attention_kernel(cfg, "ut", d if decode else s, m, rows=decode)
+        ref_pv = lambda: reference.qbmm_reference(p, "bool", p_s, p_b, v, "ternary", t_s, None, True, scale, None,
+                                                  None, 64)
+        assert torch.equal(pv(p, p_s, p_b, v, t_s, None, scale, None, None), ref_pv()), f"P.V != reference ({label})"
+        t = {"qk_bwta": median_time(lambda: qk(q, t_s, None, kt, t_s, None, scale, None, None)),
+             "qk_fp32": median_time(lambda: torch.matmul(q, kt)),
+             "pv_bwta": median_time(lambda: pv(p, p_s, p_b, v, t_s, None, scale, None, None)),
+             "pv_fp32": median_time(lambda: torch.matmul(p, v))}
+        row = {"shape": label, "batch_heads": nb, "M": m, "S": s, "D": d, "pv_kernel": pv.params.op,
+               "ms": {key: val * 1e3 for key, val in t.items()},
+               "x_fp32_qk": t["qk_fp32"] / t["qk_bwta"], "x_fp32_pv": t["pv_fp32"] / t["pv_bwta"]}
+        print(f"attention {label:28s} M={m:4d} S={s:5d} D={d:4d} | Q.K^T bwta {row['ms']['qk_bwta']:8.3f} "
+              f"fp32 {row['ms']['qk_fp32']:8.3f} ms (x{row['x_fp32_qk']:.2f}) | P.V bwta ({pv.params.op}) "
+              f"{row['ms']['pv_bwta']:8.3f} fp32 {row['ms']['pv_fp32']:8.3f} ms (x{row['x_fp32_pv']:.2f})", flush=True)
+        out.append(row)
+    return out
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -204,6 +253,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--isa", default="auto", choices=["auto", "avx512", "avx2", "portable"])
     ap.add_argument("--out", default=str(RESULTS / "kernels_cpu"), help="output path without extension")
+    ap.add_argument("--only-k", type=int, default=0, help="only the K x N shapes with this K (0 = all)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall clock, or CPU time of the calling thread (implies --threads 1)")
     args = ap.parse_args()
@@ -219,11 +269,14 @@ def main() -> None:
           f"load {tuple(round(v, 1) for v in info['load_avg_at_start'])}")
     rows: list[dict] = []
     for k, n in (QUICK_SHAPES if args.quick else SHAPES):
+        if args.only_k and k != args.only_k:
+            continue
         rows += bench_shape(k, n, QUICK_MS if args.quick else MS, cfg)
+    attention = [] if args.quick else bench_attention(cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info["load_avg_at_end"] = os.getloadavg()
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows, "attention": attention}, indent=1))
     plot(rows, out.with_suffix(".png"), f"bwta BT linear (incl. quantize+pack) | {info['cpu']} | "
          f"{info['threads']} threads, {args.clock} clock | {info['date']}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
