@@ -299,6 +299,12 @@ class BWTAMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        if query.dim() == 2:            # unbatched [L, E] inputs, as nn.MultiheadAttention accepts
+            bdim = 0 if self.batch_first else 1
+            kpm = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+            out, _ = self.forward(query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim), kpm,
+                                  need_weights, attn_mask, average_attn_weights, is_causal)
+            return out.squeeze(bdim), None
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, t, _ = query.shape

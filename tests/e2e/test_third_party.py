@@ -248,6 +248,12 @@ def test_multihead_attention_masks(batch_first, kdim):
     assert rep.lowbit == rep.total == 12, str(rep)          # 4 projections + QK + PV, two graphs
 
 
+def test_multihead_attention_unbatched():
+    q, kv, kpm, am = _mha_inputs(False)
+    _, rep = _compiled_equals_eager(_MHA(False), [((q[:, 0], kv[:, 0], kpm[0], am), {})])
+    assert rep.lowbit == rep.total == 6, str(rep)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_routing_keeps_float_semantics(batch_first):
     q, kv, kpm, am = _mha_inputs(batch_first, kdim=24)
@@ -260,9 +266,14 @@ def test_multihead_attention_routing_keeps_float_semantics(batch_first):
         setattr(b, name, f)
     b.core = AttentionCore()
     am3 = torch.randn(2 * 4, 5, 7)
+    bdim = 0 if batch_first else 1
     with torch.no_grad():
         for kw in ({}, {"key_padding_mask": kpm}, {"attn_mask": am, "key_padding_mask": kpm}, {"attn_mask": am3}):
             torch.testing.assert_close(b(q, kv, kv, **kw)[0], mha(q, kv, kv, **kw)[0], rtol=1e-4, atol=1e-5)
+        # unbatched [L, E] inputs
+        q1, kv1 = q.select(bdim, 0), kv.select(bdim, 0)
+        for kw in ({}, {"key_padding_mask": kpm[0]}, {"attn_mask": am3[:4]}):
+            torch.testing.assert_close(b(q1, kv1, kv1, **kw)[0], mha(q1, kv1, kv1, **kw)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_multihead_attention_inductor_fallback():
