@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from . import ops
 from .modules import (
     AttentionCore,
+    BinaryActQuantizer,
     BoolQuantizer,
     BWTAAttention,
     TernaryQuantizer,
@@ -52,6 +53,8 @@ from .modules import (
 )
 
 SWITCH_METHODS = ("projection", "none", "mean", "search")
+# Smallest activation scale the trainer lets an optimiser step leave behind (see SMQTrainer.train_step).
+SCALE_FLOOR = 1e-8
 
 
 # ---- schedule ----------------------------------------------------------------------------------
@@ -539,12 +542,32 @@ class SMQTrainer:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        clamped = self._keep_scales_positive()
         self.lr_scheduler.step()
         rec = {k: float(v.detach()) for k, v in terms.items()}
+        if clamped:
+            rec["scale_clamps"] = clamped
         rec.update(step=self.step, stage=self.stage_idx, levels=self.schedule.stages[self.stage_idx].num_levels)
         self.history.append(rec)
         self.step += 1
         return rec
+
+    def _keep_scales_positive(self) -> int:
+        """Clamp every activation-quantizer scale to ``>= SCALE_FLOOR`` after an optimiser step.
+
+        AdamW moves a parameter by about ``lr`` per step whatever its magnitude, so a scale that is
+        small next to the learning rate (e.g. ``s = mean|x| ~ 1e-4`` with ``lr = 5e-4``) can step
+        below zero, after which the quantizer ops reject it (``s must be finite and > 0``) and the
+        run dies.  Returns how many scales were clamped (recorded in the step's history)."""
+        n = 0
+        with torch.no_grad():
+            for m in self.model.modules():
+                if isinstance(m, (TernaryQuantizer, BoolQuantizer, BinaryActQuantizer)):
+                    floor = torch.tensor(SCALE_FLOOR, dtype=m.scale.dtype)
+                    if not bool(m.scale.isfinite()) or bool(m.scale < floor):
+                        m.scale.copy_(floor)
+                        n += 1
+        return n
 
     def fit(self, get_batch: Callable[[int], Any], steps: int | None = None,
             eval_fn: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int = 0,
@@ -614,6 +637,7 @@ class SMQTrainer:
 
 
 __all__ = [
+    "SCALE_FLOOR",
     "SWITCH_METHODS",
     "DistillConfig",
     "FeatureTap",

@@ -30,29 +30,45 @@ def classification_section(r, title="") -> list[str]:
             f"majority {100 * s['majority']:.1f}%)"),
            "",
            (f"Run size: max_len {a['max_len']}, batch {a['batch']}, float fine-tuning {a['float_steps']} steps, "
-            f"{a['qat_steps']} QAT steps per BWTA variant, seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
+            f"{a['qat_steps']} QAT steps per BWTA variant (batch {a.get('qat_batch') or a['batch']}, "
+            f"peak LR {a.get('qat_lr', '?')}), seeds {a['seeds']}; machine {r['machine'].get('cpu', '')}, "
             f"{r['machine'].get('threads')} thread(s), {r['machine']['date']}, "
             f"commit {r['machine'].get('commit', '?')}; {r.get('seconds', 0) / 60:.0f} min."), "",
            "| model | test accuracy % (mean ± std) | 95% bootstrap CI (seed 0) | drop vs float (points) |",
            "|---|---|---|---|"]
     summ = r.get("summary") or {}
-    if not summ:  # partial run
+    if not summ:  # partial run (stopped before its summary): summarise the seeds that finished
+        out[2] += " Partial run: stopped before every seed finished; n says how many seeds each variant has."
         for v, runs in r["runs"].items():
-            summ[v] = {"label": LABELS.get(v, v), "acc_mean": runs[0]["acc"], "acc_std": 0.0, "seeds": len(runs),
-                       "ci95_seed0": runs[0]["ci95"], "drop_vs_float": r["runs"]["float"][0]["acc"] - runs[0]["acc"]}
+            m, sd = common.mean_std([x["acc"] for x in runs])
+            summ[v] = {"label": LABELS.get(v, v), "acc_mean": m, "acc_std": sd, "seeds": len(runs),
+                       "ci95_seed0": runs[0]["ci95"], "drop_vs_float": r["runs"]["float"][0]["acc"] - m}
     for v, x in summ.items():
-        out.append(f"| {x['label']} | {100 * x['acc_mean']:.2f} ± {100 * x['acc_std']:.2f} (n={x['seeds']}) | "
+        per = ", ".join(f"{100 * y['acc']:.2f}" for y in r["runs"][v])
+        out.append(f"| {x['label']} | {100 * x['acc_mean']:.2f} ± {100 * x['acc_std']:.2f} (n={x['seeds']}: {per}) | "
                    f"[{100 * x['ci95_seed0'][0]:.1f}, {100 * x['ci95_seed0'][1]:.1f}] | {100 * x['drop_vs_float']:+.2f} |")
+    out.append("")
+    out.append("Mean ± sample standard deviation over QAT seeds (the seed sets the QAT data order; the float model "
+               "is shared); the bootstrap interval is over test examples, for the first seed's model.")
     out.append("")
     def sig(a, b):
         (l1, h1), (l2, h2) = summ[a]["ci95_seed0"], summ[b]["ci95_seed0"]
         return "" if h1 < l2 or h2 < l1 else " — not significant: the 95% intervals overlap"
 
+    def paired(a, b):  # per-seed comparison where both variants ran the same seeds
+        sa = {x["seed"]: x["acc"] for x in r["runs"].get(a, [])}
+        sb = {x["seed"]: x["acc"] for x in r["runs"].get(b, [])}
+        common_seeds = sorted(set(sa) & set(sb))
+        if len(common_seeds) < 2:
+            return ""
+        wins = sum(sa[k] > sb[k] for k in common_seeds)
+        return f"; {a} ahead in {wins} of {len(common_seeds)} seeds"
+
     if all(k in summ for k in ("smq", "direct")):
         f = summ["float"]["acc_mean"]
         sm, di = summ["smq"]["acc_mean"], summ["direct"]["acc_mean"]
         out.append(f"- SMQ closer to float than direct: {_yn(sm > di)} ({100 * sm:.2f} vs {100 * di:.2f}"
-                   f"{sig('smq', 'direct')}).")
+                   f"{sig('smq', 'direct')}{paired('smq', 'direct')}).")
         if "binary" in summ:
             bi = summ["binary"]["acc_mean"]
             out.append(f"- SMQ and direct both far above binary activations: {_yn(min(sm, di) > bi)} "
@@ -62,10 +78,44 @@ def classification_section(r, title="") -> list[str]:
         out.append(f"- Projection factor helps (SMQ vs SMQ without projection): "
                    f"{_yn(summ['smq']['acc_mean'] > summ['noproj']['acc_mean'])} "
                    f"({100 * summ['smq']['acc_mean']:.2f} vs {100 * summ['noproj']['acc_mean']:.2f}"
-                   f"{sig('smq', 'noproj')}).")
+                   f"{sig('smq', 'noproj')}{paired('smq', 'noproj')}).")
+    out += loss_diagnostic(r)
     cc = r.get("compiled_check")
     if cc:
         out.append(f"- Compiled (`backend=\"bwta\"`) vs eager on the test set: {json.dumps(cc)}")
+    out.append("")
+    return out
+
+
+def _final_stage_start(schedule: str) -> int:
+    """Step at which the last stage of a ``"17L x7 -> ... -> 3L x49"`` schedule starts."""
+    steps = [int(part.rsplit("x", 1)[1]) for part in schedule.split(" -> ")]
+    return sum(steps[:-1])
+
+
+def loss_diagnostic(r) -> list[str]:
+    """Distillation loss (training batches, mean over seeds) of SMQ and direct around the step where SMQ's
+    final (ternary) stage starts: is SMQ's multi-level warm-up ahead of direct when it reaches ternary?"""
+    runs = r["runs"]
+    if not all(k in runs for k in ("smq", "direct")):
+        return []
+    b = _final_stage_start(runs["smq"][0]["schedule"])
+    if b <= 5:
+        return []
+
+    def window(v, lo, hi):
+        vals = [sum(x["loss"][lo:hi]) / len(x["loss"][lo:hi]) for x in runs[v] if len(x["loss"]) >= hi]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    n = len(runs["smq"][0]["loss"])
+    rows = [("smq", "BWTA + SMQ"), ("direct", "BWTA direct")] + ([("noproj", "SMQ without projection")]
+                                                                   if "noproj" in runs else [])
+    out = ["", f"Distillation loss on the training batches (mean over seeds) around step {b}, where SMQ's final "
+           f"ternary stage starts (SMQ trains at 17..5 levels before it; direct is at ternary throughout):", "",
+           f"| variant | steps {b - 5}-{b - 1} | steps {b}-{b + 4} (SMQ now ternary) | last 10 steps |",
+           "|---|---|---|---|"]
+    for v, lab in rows:
+        out.append(f"| {lab} | {window(v, b - 5, b):.3f} | {window(v, b, b + 5):.3f} | {window(v, n - 10, n):.3f} |")
     out.append("")
     return out
 
@@ -138,11 +188,14 @@ def main(argv=None):
     ap.add_argument("--suffix", default="")
     args = ap.parse_args(argv)
     lines = ["## Accuracy (SMQ training, real weights and text, CPU)", ""]
-    # "_long" runs: the same set-up with a larger QAT budget for a subset of the variants.
-    for t in ("rt", "rt_long", "20ng"):
+    # Main classification runs first, then the earlier, smaller single-seed runs (kept, labelled as such).
+    cls = {"rt": "", "20ng": "",
+           "rt_short": " — EARLIER small-budget run (32 QAT steps, one seed)",
+           "rt_long": " — EARLIER run, larger QAT budget, SMQ and direct only (one seed)"}
+    for t, title in cls.items():
         r = _load(f"classify_{t}{args.suffix}")
         if r:
-            lines += classification_section(r, "" if "long" not in t else " — larger QAT budget")
+            lines += classification_section(r, title)
     titles = {"lm": "", "lm_long": " — larger QAT budget", "lm_qatseed1": " — second QAT seed"}
     for t, title in titles.items():
         r = _load(f"{t}{args.suffix}")

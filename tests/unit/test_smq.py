@@ -13,6 +13,7 @@ from torch import nn
 from bwta_compiler import BoolQuantizer, QuantConfig, TernaryQuantizer, quantize
 from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from bwta_compiler.smq import (
+    SCALE_FLOOR,
     DistillConfig,
     FeatureTap,
     SMQSchedule,
@@ -190,6 +191,22 @@ def test_stage_switch_applied_by_trainer():
     assert [h["levels"] for h in tr.history] == [7, 7, 5, 5, 3, 3]
     p = [q["p"] for s in tr.switches for q in s["quantizers"].values() if "p" in q]
     assert p and all(v >= 1.0 for v in p)  # fewer levels never increase sum|Q|
+
+
+def test_scale_stepped_below_zero_is_clamped_and_training_continues():
+    # AdamW steps a parameter by ~lr whatever its size, so a scale far below lr can cross zero;
+    # the trainer clamps it back to SCALE_FLOOR instead of letting the next forward fail.
+    teacher = _tiny_encoder()
+    tr = _make_trainer(teacher, SMQSchedule.direct(3))
+    tr.train_step(_batch(0))  # initialises the scales
+    q = next(q for _, q in activation_quantizers(tr.model))
+    with torch.no_grad():
+        q.scale.fill_(-5e-5)  # what a too-large step left behind in a real run
+    floor = float(torch.tensor(SCALE_FLOOR))
+    assert tr._keep_scales_positive() == 1 and float(q.scale) == floor
+    rec = tr.train_step(_batch(1))
+    assert math.isfinite(rec["total"])
+    assert all(float(qq.scale) >= floor for _, qq in activation_quantizers(tr.model))
 
 
 def test_resumed_checkpoint_continues_bit_identically(tmp_path):
