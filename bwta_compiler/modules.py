@@ -293,8 +293,11 @@ class BWTAMultiheadAttention(nn.Module):
         # projections are always the ones that run.
         self.in_proj_weight = self.in_proj_bias = None
         self._qkv_same_embed_dim = False
-        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
-            raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v, add_zero_attn and dropout are not supported")
+        # Attention-probability dropout (nn.TransformerEncoderLayer's default 0.1) is a no-op in
+        # inference and is not applied to the {0,1} probabilities in training either.
+        self.dropout = mha.dropout
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v and add_zero_attn are not supported")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,

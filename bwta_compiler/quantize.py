@@ -20,11 +20,13 @@ The input model is never modified.
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import inspect
 import re
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -259,14 +261,24 @@ class _FloatCore(AttentionCore):
 
 
 def _forward_source(mod: nn.Module) -> str:
-    """Source of a user module's forward ("" for bwta's own attention modules or no source)."""
+    """Code of a user module's forward, without docstrings and comments ("" for bwta's own
+    modules, torch's built-in modules, or no source)."""
     fwd = type(mod).forward
-    if fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention)):
+    if (fwd is nn.Module.forward or isinstance(mod, (AttentionCore, BWTAAttention, BWTAMultiheadAttention))
+            or type(mod).__module__.startswith("torch.")):
+        # torch's own modules (nn.Transformer, ...) mention softmax/matmul in docstrings only; their
+        # attention is nn.MultiheadAttention, swapped separately.
         return ""
     try:
-        return inspect.getsource(fwd)
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))
+    except (OSError, TypeError, SyntaxError):
         return ""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            body[0] = ast.Pass()
+    return ast.unparse(tree)
 
 
 def _calls_sdpa(mod: nn.Module) -> bool:

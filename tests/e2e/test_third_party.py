@@ -198,7 +198,7 @@ def _kpm(b, s):
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_transformer_encoder_layer_with_padding_mask(batch_first):
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first)      # default dropout 0.1
     x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
     _, rep = _compiled_equals_eager(layer, [((x,), {"src_key_padding_mask": _kpm(2, 7)})])
     assert rep.lowbit == rep.total == 8, str(rep)
@@ -222,6 +222,21 @@ def test_transformer_encoder_causal_norm_first():
     mask = nn.Transformer.generate_square_subsequent_mask(7)
     _, rep = _compiled_equals_eager(enc, [((torch.randn(1, 7, 32),), {"mask": mask, "is_causal": True})])
     assert rep.lowbit == rep.total == 16, str(rep)
+
+
+def test_transformer_decoder_layer_is_not_redirected_twice():
+    # nn.Transformer* forward docstrings mention softmax and matmul: their attention is the
+    # swapped nn.MultiheadAttention only (a second, outer quantization of its MatMuls was wrong).
+    layer = nn.TransformerDecoderLayer(32, 4, 64, batch_first=True)
+    q = bc.quantize(layer)
+    assert [e.choice for e in q.bwta_report].count("bwta") == 4
+    assert not hasattr(q, "bwta_core") and all(e.kind == "linear" or "MultiheadAttention" not in e.reason
+                                               for e in q.bwta_report)
+    tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    kwargs = {"tgt_mask": nn.Transformer.generate_square_subsequent_mask(5), "tgt_is_causal": True,
+              "memory_key_padding_mask": _kpm(2, 7)}
+    _, rep = _compiled_equals_eager(q, [((tgt, memory), kwargs)], quantize=False)
+    assert len(rep.graphs) == 1 and rep.lowbit == rep.total == 14, str(rep)   # 2 x (4 proj + 2) + 2 linears
 
 
 class _MHA(nn.Module):
