@@ -339,8 +339,16 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
     if _is_hf_model(model):
         return []
     entries = []
-    for name, mod in list(model.named_modules()):
-        if not (_calls_sdpa(mod) or _computes_attention(mod)):
+    candidates = [(name, mod) for name, mod in model.named_modules() if _calls_sdpa(mod) or _computes_attention(mod)]
+    ids = {id(mod) for _, mod in candidates}
+    for name, mod in candidates:
+        # The redirect sees every MatMul under the module, its submodules' too: a module holding
+        # another attention (a block around an attention layer) would quantize that one twice.
+        inner = next((n for n, sub in mod.named_modules() if n and (
+            id(sub) in ids or isinstance(sub, (BWTAAttention, BWTAMultiheadAttention, nn.MultiheadAttention)))), None)
+        if inner is not None:
+            entries.append(ReportEntry(name or "<root>", "attention", "float",
+                                       f"holds attention submodule {inner}; its own matmul/softmax stay float"))
             continue
         if not config.attention or config.choice(name) != "bwta":
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))

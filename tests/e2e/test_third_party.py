@@ -374,3 +374,33 @@ def test_hf_model_without_attention_interface_reports_float_attention():
     entries = [e for e in q.bwta_report if e.kind == "attention"]
     assert entries and all(e.choice == "float" and "AttentionInterface" in e.reason for e in entries)
     assert not any(hasattr(m, "bwta_core") for m in q.modules())
+
+
+def test_block_around_a_hand_written_attention_is_not_redirected():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(*x.shape[:2], 3, 4, 8).permute(2, 0, 3, 1, 4)
+            p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+            return self.o((p @ v).transpose(1, 2).reshape(x.shape))
+
+    class Block(nn.Module):        # a router softmax and a matmul of its own, around the attention
+        def __init__(self):
+            super().__init__()
+            self.attn, self.gate = Attn(), nn.Linear(32, 2)
+            self.register_buffer("mix", torch.randn(32, 32))
+
+        def forward(self, x):
+            w = torch.softmax(self.gate(x), -1)
+            return self.attn(x) * w[..., :1] + (x @ self.mix) * w[..., 1:]
+
+    x = torch.randn(2, 5, 32)
+    q, rep = _compiled_equals_eager(Block(), [((x,), {})])
+    assert [e.name for e in q.bwta_report if e.kind == "attention" and e.choice == "bwta"] == ["attn"]
+    with torch.no_grad():       # the block's own matmul and the attention run once, as written
+        w = torch.softmax(q.gate(x), -1)
+        assert torch.equal(q(x), q.attn(x) * w[..., :1] + (x @ q.mix) * w[..., 1:])
+    assert rep.lowbit == 5 and rep.total == 6, str(rep)     # 3 linears + QK + PV; x @ mix float
