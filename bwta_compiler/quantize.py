@@ -321,7 +321,8 @@ class _AttentionRedirect(torch.overrides.TorchFunctionMode):
             self.after_softmax = True
             return func(*args, **kwargs)
         if func in _MATMULS and len(args) == 2 and not kwargs and all(
-                isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 2 for a in args):
+                isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 2
+                and a.is_floating_point() for a in args):
             a, b = args
             core = self.core
             if self.after_softmax:
@@ -329,6 +330,9 @@ class _AttentionRedirect(torch.overrides.TorchFunctionMode):
                 cp, sp = core.p_quant.codes(a)
                 cv, sv = core.v_quant.codes(b)
                 return (torch.matmul(cp.float(), cv.float()) * (sp.float() * sv.float())).to(b.dtype)
+            if a.shape[-1] == 1:
+                # An outer product (rotary frequencies ``inv_freq @ positions``), not Q·Kᵀ.
+                return func(*args, **kwargs)
             cq, sq = core.q_quant.codes(a)
             ck, sk = core.k_quant.codes(b)
             return (torch.matmul(cq.float(), ck.float()) * (sq.float() * sk.float())).to(a.dtype)

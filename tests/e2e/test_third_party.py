@@ -404,3 +404,40 @@ def test_block_around_a_hand_written_attention_is_not_redirected():
         w = torch.softmax(q.gate(x), -1)
         assert torch.equal(q(x), q.attn(x) * w[..., :1] + (x @ q.mix) * w[..., 1:])
     assert rep.lowbit == 5 and rep.total == 6, str(rep)     # 3 linears + QK + PV; x @ mix float
+
+
+class _RotaryAttention(nn.Module):
+    """Hand-written attention with rotary embeddings computed inside forward."""
+
+    def __init__(self, outer_by_matmul):
+        super().__init__()
+        self.outer_by_matmul = outer_by_matmul
+        self.qkv, self.o = nn.Linear(32, 96), nn.Linear(32, 32)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t, dtype=torch.float32)
+        if self.outer_by_matmul:      # [1, 4, 1] @ [1, 1, T], as transformers' rotary embeddings do
+            freqs = (self.inv_freq[None, :, None] @ pos[None, None, :]).transpose(1, 2)[0]
+        else:
+            freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rot = lambda z: torch.cat((-z[..., 4:], z[..., :4]), dim=-1)
+        q, k = q * emb.cos() + rot(q) * emb.sin(), k * emb.cos() + rot(k) * emb.sin()
+        p = torch.softmax(q @ k.transpose(-1, -2) * 4.0, dim=-1)     # peaked: P codes are not all 0
+        return self.o((p @ v).transpose(1, 2).reshape(b, t, 32))
+
+
+def test_rotary_outer_product_inside_attention_stays_float():
+    by_matmul = _RotaryAttention(True)
+    by_mul = _RotaryAttention(False)
+    by_mul.load_state_dict(by_matmul.state_dict())
+    x = torch.randn(2, 6, 32)
+    qa, rep = _compiled_equals_eager(by_matmul, [((x,), {})])
+    qb = bc.quantize(by_mul).eval()
+    with torch.no_grad():
+        qb(x)
+        torch.testing.assert_close(qa(x), qb(x))      # the frequencies were not quantized as Q.K
+    assert rep.lowbit == 4 and rep.total == 5, str(rep)   # the rotary outer product is the float one
