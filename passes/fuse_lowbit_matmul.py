@@ -116,7 +116,9 @@ def _weight_of(b: Node) -> tuple[Node, int] | None:
 
 def _why_not(a_src: Node, b_src: Node, gm: GraphModule) -> str:
     if act_kind(a_src) is None:
-        return f"left operand ({a_src.name}) is not a quantized activation"
+        hint = " (a float layer: kept float by a quantize() rule, or not a BWTA module)" \
+            if b_src.op in ("placeholder", "get_attr") else ""
+        return f"left operand ({a_src.name}) is not a quantized activation{hint}"
     if is_call(b_src, operator.getitem) and is_call(b_src.args[0], bwta.binary_code.default):
         b_src = b_src.args[0]
     if is_call(b_src, bwta.binary_code.default):
