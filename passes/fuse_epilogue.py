@@ -61,6 +61,8 @@ def _absorb(gm: GraphModule, fused: Node, ctx: PassContext) -> bool:
     cast = _only_user(end)
     if cast is not None and is_call(cast, aten._to_copy.default) and set(cast.kwargs) == {"dtype"}:
         end, out_dtype = cast, cast.kwargs["dtype"]
+    elif cast is not None and is_call(cast, torch.ops.prims.convert_element_type.default) and len(cast.args) == 2:
+        end, out_dtype = cast, cast.args[1]
     kwargs = dict(fused.kwargs, scale=scale, bias=bias, out_dtype=out_dtype)
     with gm.graph.inserting_before(end.next):
         new = gm.graph.call_function(fused.target, fused.args, kwargs)

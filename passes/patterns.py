@@ -21,7 +21,8 @@ LAYOUT_OPS = {
 # dtype conversions: codes are exact integers in any float dtype, so converting them is a no-op
 # on values; when replaying on the float input they are dropped (the quantizer compares in the
 # input's own dtype).
-CONVERT_OPS = {aten._to_copy.default, aten.to.dtype, aten._to_copy}
+CONVERT_OPS = {aten._to_copy.default, aten.to.dtype, aten._to_copy,
+               torch.ops.prims.convert_element_type.default}   # what inductor's decompositions emit
 
 ACT_CODE_OPS = {
     bwta.ternary_code.default: "ternary",

@@ -292,9 +292,12 @@ def test_multihead_attention_routing_keeps_float_semantics(batch_first):
             torch.testing.assert_close(b(q1, kv1, kv1, **kw)[0], mha(q1, kv1, kv1, **kw)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_multihead_attention_inductor_fallback():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multihead_attention_inductor_fallback(dtype):
+    # bf16: inductor's decompositions spell the code casts prims.convert_element_type (was 0 low-bit)
     q, kv, kpm, am = _mha_inputs(False)
-    _, rep = _compiled_equals_eager(_MHA(False), [((q, kv, kpm, am), {})], options={"fallback": "inductor"})
+    _, rep = _compiled_equals_eager(_MHA(False).to(dtype), [((q.to(dtype), kv.to(dtype), kpm, am), {})],
+                                    options={"fallback": "inductor"})
     assert rep.lowbit == rep.total == 6, str(rep)
 
 
