@@ -6,9 +6,16 @@ Importing this package never imports cuda-python or onnx (those load lazily when
 from __future__ import annotations
 
 from . import config, formats, ops, reference  # noqa: F401  (registers the bwta:: custom ops)
-from .modules import (AttentionCore, BinaryActQuantizer, BoolQuantizer, BWTAAttention, BWTALinear,
-                      BWTAMultiheadAttention, TernaryQuantizer)
 from .freeze import freeze, state_dict_bytes
+from .modules import (
+    AttentionCore,
+    BinaryActQuantizer,
+    BoolQuantizer,
+    BWTAAttention,
+    BWTALinear,
+    BWTAMultiheadAttention,
+    TernaryQuantizer,
+)
 from .ops import binarize, boolize, ternarize
 from .quantize import QuantConfig, quantize, report_lines
 from .report import last_report, reset_reports

@@ -8,7 +8,7 @@ names a kernel that is not loaded in this process.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _KERNELS: dict[str, Callable] = {}
 

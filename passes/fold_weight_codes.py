@@ -19,7 +19,6 @@ from bwta_compiler import formats, ops
 from .context import FoldedWeight, PassContext
 from .patterns import bwta, is_call
 
-
 # Packed weights by parameter: a model compiles to several graphs (prefill, decode step, a graph
 # break, a new dynamic shape) that fold the same parameters; packing a LLaMA-7B layer's 400M
 # weights takes seconds, so each (tensor, version, pad_bits) is packed once.  Keyed by identity

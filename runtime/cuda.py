@@ -559,7 +559,7 @@ def _load(params: Params, cfg) -> LoadedKernel:
         return k
 
 
-def precompile(params_list: list, arch: Optional[str] = None, workers: int = 0) -> int:
+def precompile(params_list: list, arch: str | None = None, workers: int = 0) -> int:
     """Fill the kernel cache for many params at once: NVRTC releases the GIL, so worker threads
     compile in parallel (each through its own KernelCache handle on the same root, since one
     handle serialises its builds; entries are still locked on disk).  Returns how many kernels
@@ -567,8 +567,9 @@ def precompile(params_list: list, arch: Optional[str] = None, workers: int = 0) 
     import concurrent.futures as cf
     import os
 
-    from bwta_compiler import config as _config
     from bwta_compiler.runtime.cache import KernelCache
+
+    from bwta_compiler import config as _config
     from bwta_compiler.select_cuda import linear_params
 
     arch = arch or (device_arch() if torch.cuda.is_available() else "sm_90")

@@ -19,6 +19,7 @@ from bwta_compiler.fused_attention import FusedAttentionParams, fused_attention_
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
 from bwta_compiler.reference import linear_reference, qbmm_reference
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.emu
 from tests.emu import emulator  # noqa: E402
 

@@ -17,14 +17,6 @@ from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 EAGER = {"fallback": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    bc.reset_reports()
-    yield
-    torch._dynamo.reset()
-
-
 def _calibrated(model, *inputs):
     model.eval()
     with torch.no_grad():

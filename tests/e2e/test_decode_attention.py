@@ -3,20 +3,12 @@
 
 import pytest
 import torch
+from bwta_compiler.runtime import compile_cpu
 
 import bwta_compiler as bc
 from bwta_compiler.models import Decoder, DecoderConfig
-from bwta_compiler.runtime import compile_cpu
 
 pytestmark = pytest.mark.skipif(not compile_cpu.available(), reason="needs a C compiler")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    bc.reset_reports()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

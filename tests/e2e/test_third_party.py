@@ -23,14 +23,6 @@ from bwta_compiler.quantize import QuantConfig, _FloatCore
 EAGER = {"fallback": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    bc.reset_reports()
-    yield
-    torch._dynamo.reset()
-
-
 def _out(o):
     if isinstance(o, tuple):
         return o[0]
