@@ -154,7 +154,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the script")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decoder-layers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's); one thread "
+                    "gives steadier ratios on a shared machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         enc_cfg, batch, seq = EncoderConfig.tiny(), 2, 16
         dec_cfg, prompt, steps, context = DecoderConfig.tiny(), 8, 4, 64
