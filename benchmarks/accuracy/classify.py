@@ -144,6 +144,11 @@ def main(argv=None):
         log(f"resume: keeping {res['resumed']['kept']} from {out_json}")
 
     def save():
+        for v, r in prev.items():  # kept runs are in every save, new ones join them; seeds in order
+            if r not in res["runs"].setdefault(v[0], []):
+                res["runs"][v[0]].append(r)
+        for runs in res["runs"].values():
+            runs.sort(key=lambda r: r["seed"])
         res["seconds"] = time.time() - t0 + prev_seconds
         common.write_json(args.out, res)
 
@@ -185,8 +190,7 @@ def main(argv=None):
         for v in [x for x in args.variants.split(",") if x]:
             sched, switch, act = plans[v]
             if (v, seed) in prev:
-                res["runs"].setdefault(v, []).append(prev[(v, seed)])
-                continue
+                continue  # already in res["runs"]
             torch.manual_seed(seed)
             student = quantize(teacher, QuantConfig(act=act, levels=sched.stages[0].levels))
             if act == "binary":

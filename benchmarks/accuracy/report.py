@@ -196,7 +196,9 @@ def main(argv=None):
         r = _load(f"classify_{t}{args.suffix}")
         if r:
             lines += classification_section(r, title)
-    titles = {"lm": "", "lm_long": " — larger QAT budget", "lm_qatseed1": " — second QAT seed"}
+    titles = {"lm": " — EARLIER run (280 distillation steps), not rerun on 2026-11-29 08:00-09:15",
+              "lm_long": " — EARLIER run, larger QAT budget (840 steps), SMQ and direct only",
+              "lm_qatseed1": " — EARLIER run, second QAT seed (280 steps)"}
     for t, title in titles.items():
         r = _load(f"{t}{args.suffix}")
         extra = _load(f"{t}_ablation{args.suffix}")  # variants run separately with the same float model
@@ -205,6 +207,9 @@ def main(argv=None):
             r["seconds"] = r.get("seconds", 0) + extra.get("seconds", 0)
         if r:
             lines += lm_section(r, title)
+    notes = common.RESULTS / f"accuracy_notes{args.suffix}.md"  # hand-written analysis of these runs, if any
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     p = common.RESULTS / f"accuracy{args.suffix}.md"
     p.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
