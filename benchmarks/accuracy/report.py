@@ -198,7 +198,8 @@ def main(argv=None):
             lines += classification_section(r, title)
     titles = {"lm": " — EARLIER run (280 distillation steps), not rerun on 2026-11-29 08:00-09:15",
               "lm_long": " — EARLIER run, larger QAT budget (840 steps), SMQ and direct only",
-              "lm_qatseed1": " — EARLIER run, second QAT seed (280 steps)"}
+              "lm_qatseed1": " — EARLIER run, second QAT seed (280 steps)",
+              "lm_long_qatseed1": " — 840 steps, second QAT seed (run 2026-11-29 09:13 UTC, 1 thread, 5 min)"}
     for t, title in titles.items():
         r = _load(f"{t}{args.suffix}")
         extra = _load(f"{t}_ablation{args.suffix}")  # variants run separately with the same float model
