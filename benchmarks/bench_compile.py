@@ -34,7 +34,8 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     stamps["import torch"] = time.time() - t_start
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import bwta_compiler as bc
     from bwta_compiler.models import Encoder, EncoderConfig
 
@@ -78,7 +79,7 @@ def _run(phase: str, args: argparse.Namespace, env: dict) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--fallback", args.fallback,
            "--threads", str(args.threads)]
     env = dict(env, BWTA_BENCH_T0=repr(time.time()))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # returncode read below
     if proc.returncode:
         raise RuntimeError(f"{phase} run failed:\n{proc.stderr[-3000:]}")
     for line in proc.stdout.splitlines():

@@ -89,6 +89,13 @@ def bench_decoder(cfg: DecoderConfig, prompt: int, new_tokens: int, reps: int, c
     bwta_model = bc.quantize(float_model).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt))
     out: dict = {"shape": f"{cfg.layers} LLaMA-7B-shaped layers, prompt {prompt}, {new_tokens} decode steps"}
+    # One decode step at a long context: a synthetic KV cache of `context` positions per layer
+    # (attention then reads 2 x context x kv_heads x head_dim values per layer and token), shared by all variants.
+    g = torch.Generator().manual_seed(2)
+    hd, context = cfg.hidden // cfg.heads, min(context, cfg.max_positions - 1)
+    long_cache = [(torch.randn(1, cfg.kv_heads, context, hd, generator=g),
+                   torch.randn(1, cfg.kv_heads, context, hd, generator=g)) for _ in range(cfg.layers)]
+    tok = ids[:, -1:]
     with torch.no_grad():
         bwta_model(ids)
         variants = {"eager_fp32": float_model, "inductor_fp32": torch.compile(float_model, backend="inductor"),
@@ -106,13 +113,6 @@ def bench_decoder(cfg: DecoderConfig, prompt: int, new_tokens: int, reps: int, c
             pre = median_s(prefill, reps, warmup=1)
             total = median_s(decode, max(1, reps // 2), warmup=1)
             dec = max(total - pre, 1e-9) / new_tokens
-            # One decode step at a long context: a synthetic KV cache of `context` positions per layer
-            # (attention then reads 2 x context x kv_heads x head_dim values per layer and token).
-            g = torch.Generator().manual_seed(2)
-            hd, context = cfg.hidden // cfg.heads, min(context, cfg.max_positions - 1)
-            long_cache = [(torch.randn(1, cfg.kv_heads, context, hd, generator=g),
-                           torch.randn(1, cfg.kv_heads, context, hd, generator=g)) for _ in range(cfg.layers)]
-            tok = ids[:, -1:]
             step = median_s(lambda m=model: m(tok, long_cache), max(3, reps), warmup=2)
             out[name] = {"prefill_tok_per_s": prompt / pre, "decode_tok_per_s": 1 / dec, "first_call_s": first,
                          f"decode_ctx{context}_tok_per_s": 1 / step}

@@ -69,19 +69,22 @@ def bool_thresholds(s: Tensor, b: Tensor, levels: int, dtype: torch.dtype) -> Te
     return (b.detach().reshape(()).float() + j * s.detach().reshape(()).float()).to(dtype)
 
 
-def _count_above(x: Tensor, thr: Tensor) -> Tensor:
-    out = (x > thr[0]).to(x.dtype)
-    for j in range(1, thr.numel()):
-        out += (x > thr[j]).to(x.dtype)
+def _sum_masks(masks, dtype: torch.dtype) -> Tensor:
+    """How many of the boolean ``masks`` hold, elementwise, in ``dtype``."""
+    masks = iter(masks)
+    out = next(masks).to(dtype)
+    for m in masks:
+        out += m.to(dtype)
     return out
+
+
+def _count_above(x: Tensor, thr: Tensor) -> Tensor:
+    return _sum_masks((x > t for t in thr), x.dtype)
 
 
 def _count_below(x: Tensor, thr: Tensor) -> Tensor:
     # x < -t is exactly -x > t (negation is exact), without materialising -x.
-    out = (x < -thr[0]).to(x.dtype)
-    for j in range(1, thr.numel()):
-        out += (x < -thr[j]).to(x.dtype)
-    return out
+    return _sum_masks((x < -t for t in thr), x.dtype)
 
 
 def ternary_code_eager(x: Tensor, s: Tensor, levels: int = 1) -> Tensor:
