@@ -7,7 +7,8 @@ Baselines, all measured in the same process as bwta (ratios are taken per run, n
   int8  torch._int_mm(x_codes, W_codes^T)   (oneDNN s8s8s32; exact for ternary x binary codes).
         Timed on codes quantized beforehand: the int8 path gets its activation quantization for free,
         while bwta's time includes quantize+pack, so the int8 ratio favours torch.
-Each timing is the median of repeated calls after a warm-up.  Writes
+Each timing is the median of repeated calls after a warm-up; bwta and fp32 are called in
+alternation (see ``paired_times``), so both sides of the headline ratio see the same machine state.  Writes
 benchmarks/results/kernels_cpu.json and kernels_cpu.png and prints a table.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--threads N] [--isa auto|avx2|portable|avx512]
@@ -75,6 +76,27 @@ def median_time(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 1
     return statistics.median(times)
 
 
+def paired_times(fns: dict[str, Callable[[], object]], min_rounds: int = 5, budget_s: float = 3.0,
+                 max_rounds: int = 51) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation: every round calls each
+    function once (the order rotates), so on a shared machine both sides of a ratio see the same
+    load, cache contention and clock.  One warm-up call each."""
+    clock = CLOCK[0]
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> dict:
     model = compile_cpu.cpu_model()
     mhz = 0.0
@@ -109,9 +131,10 @@ def bench_shape(k: int, n: int, ms: list[int], cfg: config.Config) -> list[dict]
             assert torch.equal(kern(x, s, None, w_packed, scale, None, None), want), f"bwta != reference at {k}x{n}"
         x_bf16 = x.to(torch.bfloat16)
         x_i8 = torch.clamp(torch.round(x / 0.5), -1, 1).to(torch.int8)
-        t: dict[str, float | None] = {
-            "bwta": median_time(lambda: kern(x, s, None, w_packed, scale, None, None)),
-            "fp32": median_time(lambda: F.linear(x, w))}
+        # bwta and fp32 (the headline ratio) alternate call by call; bf16 / int8 are 17-1000x
+        # slower than bwta here, far outside what load noise could change, and run on their own.
+        t: dict[str, float | None] = dict(paired_times(
+            {"bwta": lambda: kern(x, s, None, w_packed, scale, None, None), "fp32": lambda: F.linear(x, w)}))
         for name, fn in (("bf16", lambda: F.linear(x_bf16, w_bf16)), ("int8", lambda: _int8(x_i8, w_i8t))):
             if name in last and last[name][0] >= 16 and last[name][1] / last[name][0] * m > MAX_S[name]:
                 # Skipped: predicted linearly in M from the last measured M >= 16 (these baselines are
@@ -207,10 +230,10 @@ def bench_attention(cfg: config.Config) -> list[dict]:
         ref_pv = lambda: reference.qbmm_reference(p, "bool", p_s, p_b, v, "ternary", t_s, None, True, scale, None,
                                                   None, 64)
         assert torch.equal(pv(p, p_s, p_b, v, t_s, None, scale, None, None), ref_pv()), f"P.V != reference ({label})"
-        t = {"qk_bwta": median_time(lambda: qk(q, t_s, None, kt, t_s, None, scale, None, None)),
-             "qk_fp32": median_time(lambda: torch.matmul(q, kt)),
-             "pv_bwta": median_time(lambda: pv(p, p_s, p_b, v, t_s, None, scale, None, None)),
-             "pv_fp32": median_time(lambda: torch.matmul(p, v))}
+        t = paired_times({"qk_bwta": lambda: qk(q, t_s, None, kt, t_s, None, scale, None, None),
+                          "qk_fp32": lambda: torch.matmul(q, kt),
+                          "pv_bwta": lambda: pv(p, p_s, p_b, v, t_s, None, scale, None, None),
+                          "pv_fp32": lambda: torch.matmul(p, v)})
         row = {"shape": label, "batch_heads": nb, "M": m, "S": s, "D": d, "pv_kernel": pv.params.op,
                "ms": {key: val * 1e3 for key, val in t.items()},
                "x_fp32_qk": t["qk_fp32"] / t["qk_bwta"], "x_fp32_pv": t["pv_fp32"] / t["pv_bwta"]}

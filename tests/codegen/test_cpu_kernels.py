@@ -50,6 +50,13 @@ LINEAR_CASES = [
     ("bool", "bfloat16", "float32", 100, 11, False, True, True, (2, 3)),
     ("binary", "float32", "float16", 33, 13, True, True, True, (2, 3)),
     ("binary", "float16", "float32", 4097, 4, True, False, False, (4, 1)),
+    # Two-column tiles: on AVX2 full tiles take the vector drain + epilogue (tile_full_store);
+    # whole vectors only (768), a scalar tail (1100, 300), two counter chunks (8300 > 31 x 256).
+    ("ternary", "float32", "float32", 768, 10, True, True, True, (3, 2)),
+    ("ternary", "bfloat16", "bfloat16", 1100, 8, True, False, False, (2, 2)),
+    ("binary", "float32", "float16", 300, 5, False, True, True, (5, 2)),
+    ("bool", "float16", "float32", 2100, 4, True, True, False, (4, 2)),
+    ("ternary", "float32", "float32", 8300, 4, True, True, False, (3, 2)),
 ]
 
 
@@ -220,10 +227,17 @@ def test_rendered_linear_source_anchors() -> None:
     _check_order(cpu.make_source(p), [
         "#define BWTA_ISA BWTA_ISA_AVX2", '#include "bwta_common.h"', "#define K 100", "#define KW64 2",
         "#define TILE_M 2", "#define TILE_N 3", "#define N 7", "static void a_pack_row", "fv_float32(x",
-        "fv_lt(v, -t)", "dst[2 * KW64 + wi] = lo;", "y = y * scale[col];", "y = y + bias[col];",
-        "((float *)out)[idx] = y;", "cnt_add_nib(c2[i][j], bv_and(x0[i], sw), bv_and(x1[i], bv_srl4(sw)))",
-        "sc_and_xor(sc_unnib(x0[i], x1[i]), x2[i], y0)", "(i64)apop[i] - 2 * t2[i][j]",
+        "fv_lt(v, -t)", "dst[2 * KW64 + wi] = lo;", "((float *)out)[idx] = y;", "y = y * scale[col];",
+        "y = y + bias[col];", "store_float(out, idx, y);",
+        "cnt_add_nib(c2[i][j], bv_and(x0[i], sw), bv_and(x1[i], bv_srl4(sw)))",
+        "sum_drain(s2[i][j], c2[i][j])", "sc_and_xor(sc_unnib(x0[i], x1[i]), x2[i], y0)",
+        "sum_add_scalar(s2[i][j], t2[i][j])", "return (i64)apop - 2 * t2;",
         "void bwta_linear(", "a_pack(x, 1, m", "#pragma omp parallel", "gemm_block(", "void bwta_pack("])
+    assert "tile_full_store" not in cpu.make_source(p)  # 3 columns: the scalar epilogue
+    two_col = cpu.make_source(dataclasses.replace(p, tile_m=3, tile_n=2))
+    _check_order(two_col, ["static void tile_full_store(", "sum_total4(s2[i][0], s2[i][1], s2[i1][0], s2[i1][1])",
+                           "_mm_sub_epi32(base, _mm_slli_epi32(t, 1))", "y = _mm_mul_ps(y, sc);",
+                           "y = _mm_add_ps(y, bi);", "static void gemm_block(", "tile_full_store(a + m0 * A_RS"])
     portable = cpu.make_source(dataclasses.replace(p, isa="portable"))
     _check_order(portable, ["#define BWTA_ISA BWTA_ISA_PORTABLE", "#define A_PLANES 2", "dst[KW64 + wi] = lo;",
                             "bv_and_xor(x0[i], x1[i], y0)", "sc_and_xor(x0[i], x1[i], y0)"])
@@ -232,9 +246,9 @@ def test_rendered_linear_source_anchors() -> None:
 
 @pytest.mark.parametrize("variant,anchors", [
     ("tt", ["static void a_pack_row", "static void b_pack_row", "bv_and(x0[i], y0)", "bv_and_xor(both, x1[i], y1)",
-            "t1[i][j] - 2 * t2[i][j]", "void bwta_qbmm("]),
-    ("ut", ["static void b_pack_row", "bv_and(x0[i], y1)", "t1[i][j] - 2 * t2[i][j]", "b_pack(b, nb, n"]),
-    ("bb", ["fv_nge0(v)", "bv_xor(x0[i], y0)", "(i64)K - 2 * t2[i][j]", "void bwta_qbmm("]),
+            "return t1 - 2 * t2;", "void bwta_qbmm("]),
+    ("ut", ["static void b_pack_row", "bv_and(x0[i], y1)", "return t1 - 2 * t2;", "b_pack(b, nb, n"]),
+    ("bb", ["fv_nge0(v)", "bv_xor(x0[i], y0)", "return (i64)K - 2 * t2;", "void bwta_qbmm("]),
 ])
 def test_rendered_qbmm_source_anchors(variant: str, anchors: list[str]) -> None:
     acts = {"tt": ("ternary", "ternary"), "ut": ("bool", "ternary"), "bb": ("binary", "binary")}[variant]
