@@ -61,7 +61,6 @@ BWTA_INLINE i64 cnt_sum(cnt_t c) { return (i64)_mm512_reduce_add_epi64(c); }
 typedef __m512i sum_t; /* counts already in 64-bit lanes: draining is a no-op */
 BWTA_INLINE sum_t sum_drain(sum_t s, cnt_t c) { return _mm512_add_epi64(s, c); }
 BWTA_INLINE i64 sum_total(sum_t s) { return (i64)_mm512_reduce_add_epi64(s); }
-BWTA_INLINE sum_t sum_add_scalar(sum_t s, i64 v) { return _mm512_add_epi64(s, _mm512_set_epi64(0, 0, 0, 0, 0, 0, 0, v)); }
 
 #elif BWTA_ISA == BWTA_ISA_AVX2
 typedef __m256i bv_t;
@@ -106,7 +105,6 @@ BWTA_INLINE i64 sum_total(sum_t s) {
     __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     return (i64)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1));
 }
-BWTA_INLINE sum_t sum_add_scalar(sum_t s, i64 v) { return _mm256_add_epi64(s, _mm256_set_epi64x(0, 0, 0, v)); }
 /* Totals of four sums as 32-bit lanes [a, b, c, d] (each total < 2^32: K bits at most). */
 BWTA_INLINE __m128i sum_total4(sum_t a, sum_t b, sum_t c, sum_t d) {
     const __m256i ab = _mm256_or_si256(a, _mm256_slli_epi64(b, 32));
@@ -131,7 +129,6 @@ BWTA_INLINE i64 cnt_sum(cnt_t c) { return (i64)c; }
 typedef u64 sum_t;
 BWTA_INLINE sum_t sum_drain(sum_t s, cnt_t c) { return s + c; }
 BWTA_INLINE i64 sum_total(sum_t s) { return (i64)s; }
-BWTA_INLINE sum_t sum_add_scalar(sum_t s, i64 v) { return s + (u64)v; }
 #endif
 
 /* Scalar twins of the vector ops, for the K words left over after the last full vector. */

@@ -231,7 +231,7 @@ def test_rendered_linear_source_anchors() -> None:
         "y = y + bias[col];", "store_float(out, idx, y);",
         "cnt_add_nib(c2[i][j], bv_and(x0[i], sw), bv_and(x1[i], bv_srl4(sw)))",
         "sum_drain(s2[i][j], c2[i][j])", "sc_and_xor(sc_unnib(x0[i], x1[i]), x2[i], y0)",
-        "sum_add_scalar(s2[i][j], t2[i][j])", "return (i64)apop - 2 * t2;",
+        "return (i64)apop - 2 * t2;", "t2[i][j] += sum_total(s2[i][j]);",
         "void bwta_linear(", "a_pack(x, 1, m", "#pragma omp parallel", "gemm_block(", "void bwta_pack("])
     assert "tile_full_store" not in cpu.make_source(p)  # 3 columns: the scalar epilogue
     two_col = cpu.make_source(dataclasses.replace(p, tile_m=3, tile_n=2))
