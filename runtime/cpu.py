@@ -110,8 +110,8 @@ def template_values(params: GemmParams) -> dict[str, Any]:
     # AVX2 BT: store the activation's NZ/A plane nibble-split (one op less per word pair, ~11 %).
     nibble = params.isa == "avx2" and linear and params.a_act in ("ternary", "bool")
     mode = _LINEAR_MODES[params.a_act] if linear else params.variant
-    # AVX2 linear with 2-column tiles: full tiles drain and run the epilogue four outputs at a time.
-    vector_tile = params.isa == "avx2" and linear and params.tile_n == 2
+    # AVX2 with 2-column tiles: full tiles drain and run the epilogue four outputs at a time.
+    vector_tile = params.isa == "avx2" and params.tile_n == 2
     return dict(
         vector_tile=vector_tile,
         template_name=template_name(params),

@@ -112,6 +112,10 @@ QBMM_CASES = [
     ("ut", "bool", "ternary", "float16", "float16", 129, False, (2,), (2,), False, True),
     ("ut", "bool", "ternary", "bfloat16", "float32", 1, True, (1, 2), (2, 1), True, False),
     ("bb", "binary", "binary", "float32", "float32", 4097, False, (2,), (2,), True, True),
+    # whole 256-bit vectors plus a tail word (300) and whole vectors only (512): both counts of
+    # tt / ut go through the vector drain of full tiles on AVX2
+    ("tt", "ternary", "ternary", "float32", "float32", 300, True, (2,), (2,), True, True),
+    ("ut", "bool", "ternary", "bfloat16", "bfloat16", 512, True, (2,), (1,), True, False),
 ]
 
 
