@@ -14,12 +14,18 @@ best of 25 calls, after the nibble-split change.  GMAC/s at M = 1 / 4 / 16 / 64:
 
 Every tile is within ~10 % (the loop is bound by the vector ALUs: 8 ops per 256-bit word pair on
 4 pipes, ~128 bit-MACs per cycle, and 254 GMAC/s at 2.45 GHz is ~104 per cycle), so the table
-takes 3x2, the best at M >= 16, whose 6 byte counters stay in registers (AVX2 has 16 ymm; the
+took 3x2, the best at M >= 16, whose 6 byte counters stay in registers (AVX2 has 16 ymm; the
 activation operands are re-read from L1 as memory operands, which the load ports absorb).  The
 cache block is sized in bytes (BLOCK_BYTES, half of L2), see block_rows below; the kernel shrinks
 it at run time so every thread gets at least two blocks.  AVX-512 (VPOPCNTDQ) takes the 4x4 tile of the
 prototype in shared/notes/toolchain.md section 3 (16 zmm counters + 8 + 4 operands); it is
-compile-checked here but this machine cannot run it, so its row is not measured here.  The
+compile-checked here but this machine cannot run it, so its row is not measured here.
+
+Since full two-column tiles drain and run their epilogue four outputs at a time (gemm_core's
+tile_full_store), taller tiles pay: 6x2 against 3x2, one thread, min CPU time of 9 interleaved
+calls, GMAC/s at M = 16 / 512 / 1024: 768x768 114/150/147 vs 107/129/122, 768x3072 189/173/171 vs
+160/146/138, 3072x768 249/165/182 vs 240/158/175, 4096x4096 263/213/274 vs 248/201/268 (5x2 is
+within noise of 6x2; 7x2 and 8x2 no better; an odd tile_m wastes half of its last row pair).  The
 portable path (scalar POPCNT, 16 general registers) measured 64-65 GMAC/s at M = 64 for 2x4 and
 4x3 alike.
 """
@@ -34,7 +40,7 @@ from .kernels import GemmParams
 # (isa, m_max, tile_m, tile_n, block_n); m_max = 0 means "any M"; block_n = 0: from BLOCK_BYTES.
 CPU_TABLE: tuple[tuple[str, int, int, int, int], ...] = (
     ("avx512", 0, 4, 4, 0),
-    ("avx2", 0, 3, 2, 0),
+    ("avx2", 0, 6, 2, 0),
     ("portable", 0, 2, 4, 0),
 )
 

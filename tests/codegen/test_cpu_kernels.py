@@ -278,7 +278,7 @@ def test_avx512_sources_compile(tmp_path, variant: str) -> None:
 def test_select_cpu_params_fills_target_fields(cfg) -> None:
     base = GemmParams(variant="bt", a_act="ternary", b_act="binary", k=768, kw=24, n=3072)
     p = select_cpu_params(base, cfg.replace(cpu_isa="avx2"), m_hint=128)
-    assert (p.isa, p.op, p.tile_m, p.tile_n) == ("avx2", "linear", 3, 2) and p.block_n > 0
+    assert (p.isa, p.op, p.tile_m, p.tile_n) == ("avx2", "linear", 6, 2) and p.block_n > 0
     q = select_cpu_params(dataclasses.replace(base, variant="tt", b_act="ternary", n=0), cfg)
     assert q.op == "qbmm" and q.isa == compile_cpu.detect_isa()
     assert cpu.kernel_name(p).startswith("bt_n3072_k768_")
