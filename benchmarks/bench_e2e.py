@@ -191,7 +191,8 @@ def main() -> None:
     if args.only != "encoder":
         results["decoder"] = bench_decoder(dec_cfg, prompt, steps, args.reps, context)
     RESULTS.mkdir(exist_ok=True)
-    stem = ("e2e_cpu_quick" if args.quick else "e2e_cpu") + (f"_{args.only}" if args.only else "")
+    stem = (("e2e_cpu_quick" if args.quick else "e2e_cpu") + (f"_{args.only}" if args.only else "")
+            + (f"_{args.threads}t" if args.threads else ""))
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     if not args.only:
         plot(results, RESULTS / f"{stem}.png")

@@ -77,10 +77,12 @@ def median_time(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 1
 
 
 def paired_times(fns: dict[str, Callable[[], object]], min_rounds: int = 5, budget_s: float = 3.0,
-                 max_rounds: int = 51) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation: every round calls each
-    function once (the order rotates), so on a shared machine both sides of a ratio see the same
-    load, cache contention and clock.  One warm-up call each."""
+                 max_rounds: int = 51, block: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation: every round runs each
+    function ``block`` times in a row (the order rotates) and keeps all but the first of those
+    calls, so on a shared machine both sides of a ratio see the same load and clock, while each
+    is timed with its own operands warm in cache (the first call of a block pays for the other
+    function's evictions; :func:`cold_time` measures that case on purpose)."""
     clock = CLOCK[0]
     for fn in fns.values():
         fn()
@@ -90,11 +92,32 @@ def paired_times(fns: dict[str, Callable[[], object]], min_rounds: int = 5, budg
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
         for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            t0 = clock()
-            fns[name]()
-            times[name].append(clock() - t0)
+            for rep in range(block):
+                t0 = clock()
+                fns[name]()
+                if rep:
+                    times[name].append(clock() - t0)
         rounds += 1
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def cold_time(fn: Callable[[], object], reps: int = 15) -> float:
+    """Median seconds per call with the last-level cache flushed before each call (a 96 MB write):
+    a decode step of a model too big for the cache streams every layer's weights from DRAM."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(24 << 20, dtype=torch.float32))
+    clock = CLOCK[0]
+    fn()
+    times = []
+    for _ in range(reps):
+        _FLUSH[0].fill_(1.0)
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return statistics.median(times)
 
 
 def machine() -> dict:
@@ -135,6 +158,9 @@ def bench_shape(k: int, n: int, ms: list[int], cfg: config.Config) -> list[dict]
         # slower than bwta here, far outside what load noise could change, and run on their own.
         t: dict[str, float | None] = dict(paired_times(
             {"bwta": lambda: kern(x, s, None, w_packed, scale, None, None), "fp32": lambda: F.linear(x, w)}))
+        if m == 1:  # decode: also with every weight streamed from DRAM (both sides)
+            t["bwta_cold"] = cold_time(lambda: kern(x, s, None, w_packed, scale, None, None))
+            t["fp32_cold"] = cold_time(lambda: F.linear(x, w))
         for name, fn in (("bf16", lambda: F.linear(x_bf16, w_bf16)), ("int8", lambda: _int8(x_i8, w_i8t))):
             if name in last and last[name][0] >= 16 and last[name][1] / last[name][0] * m > MAX_S[name]:
                 # Skipped: predicted linearly in M from the last measured M >= 16 (these baselines are
@@ -163,6 +189,7 @@ def _row(k: int, n: int, m: int, t: dict, isa: str) -> dict:
     return {"K": k, "N": n, "M": m, "ms": {key: (v * 1e3 if v else None) for key, v in t.items()},
             "x_fp32": t["fp32"] / t["bwta"], "x_bf16": (t["bf16"] / t["bwta"]) if t["bf16"] else None,
             "x_int8": (t["int8"] / t["bwta"]) if t["int8"] else None, "x_best_exact": best_exact / t["bwta"],
+            "x_fp32_cold": (t["fp32_cold"] / t["bwta_cold"]) if t.get("bwta_cold") else None,
             "best_exact": best_name,
             "gmac_s": bit_macs / 1e9, "popc_peak_frac": bit_macs / peak}
 
@@ -192,7 +219,9 @@ def _fmt(r: dict) -> str:
             f"bf16 {_ms(ms, 'bf16')} int8 {_ms(ms, 'int8')} ms | x fp32 {r['x_fp32']:6.1f} bf16 {_x(r['x_bf16'])} "
             f"int8 {_x(r['x_int8'])} best-exact {r['x_best_exact']:6.1f}{'~' if 'pred' in r['best_exact'] else ' '}| "
             f"{r['gmac_s']:6.1f} GMAC/s "
-            f"{100 * r['popc_peak_frac']:4.1f}% peak")
+            f"{100 * r['popc_peak_frac']:4.1f}% peak"
+            + (f" | weights from DRAM: bwta {ms['bwta_cold']:.3f} fp32 {ms['fp32_cold']:.3f} ms x fp32 "
+               f"{r['x_fp32_cold']:.1f}" if r.get("x_fp32_cold") else ""))
 
 
 # Attention MatMuls: (label, batch*heads, query rows M, keys S, head dim D).  Decode rows use the

@@ -112,8 +112,12 @@ def template_values(params: GemmParams) -> dict[str, Any]:
     mode = _LINEAR_MODES[params.a_act] if linear else params.variant
     # AVX2 with 2-column tiles: full tiles drain and run the epilogue four outputs at a time.
     vector_tile = params.isa == "avx2" and params.tile_n == 2
+    # AVX2 Q.K^T / P.V with one or two words per plane row (head dim <= 128): four B rows per vector.
+    short_rows = (params.isa == "avx2" and params.op == "qbmm" and params.variant in ("tt", "ut")
+                  and params.b_act == "ternary" and params.kw // 2 in (1, 2))
     return dict(
         vector_tile=vector_tile,
+        short_rows=short_rows,
         template_name=template_name(params),
         mode=mode + "_nib" if nibble else mode,
         nibble=nibble,

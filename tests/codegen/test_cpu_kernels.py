@@ -116,6 +116,9 @@ QBMM_CASES = [
     # tt / ut go through the vector drain of full tiles on AVX2
     ("tt", "ternary", "ternary", "float32", "float32", 300, True, (2,), (2,), True, True),
     ("ut", "bool", "ternary", "bfloat16", "bfloat16", 512, True, (2,), (1,), True, False),
+    # head dim 128 and 64 (two / one word per plane row): the AVX2 short-row path (short_cols4)
+    ("tt", "ternary", "ternary", "float32", "float32", 128, True, (2,), (2,), True, True),
+    ("ut", "bool", "ternary", "float32", "float16", 64, False, (1, 2), (1, 2), True, True),
 ]
 
 
