@@ -73,24 +73,26 @@ BWTA_INLINE bv_t bv_xor(bv_t a, bv_t b) { return _mm256_xor_si256(a, b); }
 BWTA_INLINE bv_t bv_and_xor(bv_t a, bv_t s, bv_t w) { return _mm256_and_si256(a, _mm256_xor_si256(s, w)); }
 BWTA_INLINE cnt_t cnt_zero(void) { return _mm256_setzero_si256(); }
 /* Nibble lookup popcount (Mula): no vector popcount in AVX2; byte counters, drained by cnt_sum. */
-BWTA_INLINE cnt_t cnt_add(cnt_t c, bv_t v) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    __m256i n = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-    return _mm256_add_epi8(c, n);
+BWTA_INLINE __m256i nibble_lut(void) {
+    return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
 }
+/* popcount of every byte of v */
+BWTA_INLINE __m256i byte_popcnt(bv_t v) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(nibble_lut(), _mm256_and_si256(v, low)),
+                           _mm256_shuffle_epi8(nibble_lut(), _mm256_and_si256(_mm256_srli_epi16(v, 4), low)));
+}
+BWTA_INLINE cnt_t cnt_add(cnt_t c, bv_t v) { return _mm256_add_epi8(c, byte_popcnt(v)); }
+/* popcount of each 64-bit lane of v */
+BWTA_INLINE __m256i lane_popcnt(bv_t v) { return _mm256_sad_epu8(byte_popcnt(v), _mm256_setzero_si256()); }
 /* Nibble-split operands (BT on AVX2): the packer stores an activation plane as its low nibbles
  * (x & 0x0f..) and high nibbles ((x >> 4) & 0x0f..), so the masks that select nibbles for the
  * lookup are folded into the activation and cost nothing per word pair (8 ops instead of 9). */
 #define BWTA_HAVE_NIBBLES 1
 BWTA_INLINE bv_t bv_srl4(bv_t v) { return _mm256_srli_epi16(v, 4); }
 BWTA_INLINE cnt_t cnt_add_nib(cnt_t c, bv_t lo, bv_t hi) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    return _mm256_add_epi8(_mm256_add_epi8(c, _mm256_shuffle_epi8(lut, lo)), _mm256_shuffle_epi8(lut, hi));
+    return _mm256_add_epi8(_mm256_add_epi8(c, _mm256_shuffle_epi8(nibble_lut(), lo)), _mm256_shuffle_epi8(nibble_lut(), hi));
 }
 BWTA_INLINE i64 cnt_sum(cnt_t c) {
     __m256i s = _mm256_sad_epu8(c, _mm256_setzero_si256());
