@@ -26,6 +26,7 @@ from bwta_compiler.runtime import compile_cpu
 
 import bwta_compiler as bc
 from bwta_compiler.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from timing import alternating_medians
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,21 +47,6 @@ def median_s(fn, reps: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def interleaved_median_s(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function; every round calls each once, in rotating order."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _compile_time(fn) -> float:
@@ -90,7 +76,7 @@ def bench_encoder(cfg: EncoderConfig, batch: int, seq: int, reps: int) -> dict:
         firsts = {name: _compile_time(call) for name, call in calls.items()}
         # All variants timed in alternation (one call each per round), so a slow minute on a
         # shared machine hits every variant alike instead of one.
-        secs = interleaved_median_s(calls, reps)
+        secs = alternating_medians(calls, min_rounds=reps, max_rounds=reps)
         for name, sec in secs.items():
             out[name] = {"ms": sec * 1e3, "seq_per_s": batch / sec, "first_call_s": firsts[name]}
             print(f"  encoder {name:14s} {sec * 1e3:9.1f} ms  ({batch / sec:7.1f} seq/s, first call {firsts[name]:.1f} s)")

@@ -33,6 +33,7 @@ from bwta_compiler.runtime import compile_cpu, cpu
 
 from bwta_compiler import config, formats, reference
 from bwta_compiler.select_cpu import cpu_params
+from timing import alternating_medians
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 512, 2048]
@@ -76,29 +77,10 @@ def median_time(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 1
     return statistics.median(times)
 
 
-def paired_times(fns: dict[str, Callable[[], object]], min_rounds: int = 5, budget_s: float = 3.0,
-                 max_rounds: int = 51, block: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation: every round runs each
-    function ``block`` times in a row (the order rotates) and keeps all but the first of those
-    calls, so on a shared machine both sides of a ratio see the same load and clock, while each
-    is timed with its own operands warm in cache (the first call of a block pays for the other
-    function's evictions; :func:`cold_time` measures that case on purpose)."""
-    clock = CLOCK[0]
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            for rep in range(block):
-                t0 = clock()
-                fns[name]()
-                if rep:
-                    times[name].append(clock() - t0)
-        rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def paired_times(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds per call, the functions timed in alternation in blocks of three calls with
+    the first of each block dropped (operands warm; :func:`cold_time` measures the cold case)."""
+    return alternating_medians(fns, min_rounds=5, max_rounds=51, budget_s=3.0, block=3, clock=CLOCK[0])
 
 
 _FLUSH: list[torch.Tensor] = []

@@ -5,8 +5,8 @@
  * templates are written once against a tiny vector API:
  *
  *   bv_t      a vector of BV_WORDS packed 64-bit words (bit vector)
- *   cnt_t     a popcount accumulator; cnt_add(c, v) adds popcount(v), cnt_sum(c) totals it
- *   CNT_STEPS how many cnt_add calls a counter absorbs before cnt_sum must drain it
+ *   cnt_t     a popcount accumulator; cnt_add(c, v) adds popcount(v)
+ *   CNT_STEPS how many cnt_add calls a counter absorbs before it must be drained
  *   sum_t     a drained count (sum_drain(s, c) adds counter c; sum_total(s) is the integer)
  *             (AVX2 counts in bytes: 31 steps x at most 8 per byte stays below 256)
  *
@@ -57,7 +57,6 @@ BWTA_INLINE bv_t bv_xor(bv_t a, bv_t b) { return _mm512_xor_si512(a, b); }
 BWTA_INLINE bv_t bv_and_xor(bv_t a, bv_t s, bv_t w) { return _mm512_ternarylogic_epi64(a, s, w, 0x60); }
 BWTA_INLINE cnt_t cnt_zero(void) { return _mm512_setzero_si512(); }
 BWTA_INLINE cnt_t cnt_add(cnt_t c, bv_t v) { return _mm512_add_epi64(c, _mm512_popcnt_epi64(v)); }
-BWTA_INLINE i64 cnt_sum(cnt_t c) { return (i64)_mm512_reduce_add_epi64(c); }
 typedef __m512i sum_t; /* counts already in 64-bit lanes: draining is a no-op */
 BWTA_INLINE sum_t sum_drain(sum_t s, cnt_t c) { return _mm512_add_epi64(s, c); }
 BWTA_INLINE i64 sum_total(sum_t s) { return (i64)_mm512_reduce_add_epi64(s); }
@@ -72,7 +71,7 @@ BWTA_INLINE bv_t bv_and(bv_t a, bv_t b) { return _mm256_and_si256(a, b); }
 BWTA_INLINE bv_t bv_xor(bv_t a, bv_t b) { return _mm256_xor_si256(a, b); }
 BWTA_INLINE bv_t bv_and_xor(bv_t a, bv_t s, bv_t w) { return _mm256_and_si256(a, _mm256_xor_si256(s, w)); }
 BWTA_INLINE cnt_t cnt_zero(void) { return _mm256_setzero_si256(); }
-/* Nibble lookup popcount (Mula): no vector popcount in AVX2; byte counters, drained by cnt_sum. */
+/* Nibble lookup popcount (Mula): no vector popcount in AVX2; byte counters, drained by sum_drain. */
 BWTA_INLINE __m256i nibble_lut(void) {
     return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                             0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
@@ -94,11 +93,6 @@ BWTA_INLINE bv_t bv_srl4(bv_t v) { return _mm256_srli_epi16(v, 4); }
 BWTA_INLINE cnt_t cnt_add_nib(cnt_t c, bv_t lo, bv_t hi) {
     return _mm256_add_epi8(_mm256_add_epi8(c, _mm256_shuffle_epi8(nibble_lut(), lo)), _mm256_shuffle_epi8(nibble_lut(), hi));
 }
-BWTA_INLINE i64 cnt_sum(cnt_t c) {
-    __m256i s = _mm256_sad_epu8(c, _mm256_setzero_si256());
-    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    return (i64)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1));
-}
 /* sum_t: a drained count in four 64-bit lanes (VPSADBW of the byte counters); the horizontal
  * total is left to the end of a dot product, where a tile can reduce several at once. */
 typedef __m256i sum_t;
@@ -114,7 +108,6 @@ BWTA_INLINE __m128i sum_total4(sum_t a, sum_t b, sum_t c, sum_t d) {
     const __m256i q = _mm256_add_epi64(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
     return _mm_add_epi64(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
 }
-#define BWTA_HAVE_SUM4 1
 
 #else /* portable: one 64-bit word at a time; -march=native still gives a hardware popcnt */
 typedef u64 bv_t;
@@ -127,7 +120,6 @@ BWTA_INLINE bv_t bv_xor(bv_t a, bv_t b) { return a ^ b; }
 BWTA_INLINE bv_t bv_and_xor(bv_t a, bv_t s, bv_t w) { return a & (s ^ w); }
 BWTA_INLINE cnt_t cnt_zero(void) { return 0; }
 BWTA_INLINE cnt_t cnt_add(cnt_t c, bv_t v) { return c + (u64)__builtin_popcountll(v); }
-BWTA_INLINE i64 cnt_sum(cnt_t c) { return (i64)c; }
 typedef u64 sum_t;
 BWTA_INLINE sum_t sum_drain(sum_t s, cnt_t c) { return s + c; }
 BWTA_INLINE i64 sum_total(sum_t s) { return (i64)s; }
