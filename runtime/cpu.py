@@ -30,6 +30,7 @@ from bwta_compiler.config import Config
 from bwta_compiler.kernels import GemmParams, register_template, templates
 
 from . import compile_cpu
+from .host_memory import empty_output
 from .cache import CacheKey, default_cache
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -291,7 +292,7 @@ class LoadedKernel:
         scale, bias = self._epilogue_args(scale, bias, p.n, out_dtype)
         x2 = x if x.dim() == 2 and x.is_contiguous() else x.detach().reshape(-1, p.k).contiguous()
         m = x2.shape[0]
-        out = torch.empty((*x.shape[:-1], p.n), dtype=_DTYPES[p.out_dtype])
+        out = empty_output((*x.shape[:-1], p.n), _DTYPES[p.out_dtype])
         if m == 0:
             return out
         t = self._threshold(p.a_act, s, b, x.dtype)
@@ -334,7 +335,7 @@ class LoadedKernel:
         a3 = a.detach().expand(*batch, m, p.k).reshape(-1, m, p.k).contiguous()
         b3 = b.detach().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
         nb = a3.shape[0]
-        out = torch.empty((*batch, m, n), dtype=_DTYPES[p.out_dtype])
+        out = empty_output((*batch, m, n), _DTYPES[p.out_dtype])
         if out.numel() == 0:
             return out
         # Element (i, n, k) of B: [.., N, K] strides as they are; [.., K, N] read column-wise.
@@ -368,7 +369,7 @@ class LoadedKernel:
         scale, bias = self._epilogue_args(scale, bias, n, out_dtype)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m = a.shape[-2]
-        out = torch.empty((*batch, m, n), dtype=_DTYPES[p.out_dtype])
+        out = empty_output((*batch, m, n), _DTYPES[p.out_dtype])
         if out.numel() == 0:
             return out
         a3 = a.detach().expand(*batch, m, k).reshape(-1, m, k).contiguous()

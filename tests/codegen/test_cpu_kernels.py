@@ -175,6 +175,22 @@ def test_threads_do_not_change_results(cfg) -> None:
         assert torch.equal(kern(x, s, b, w, scale, bias, od), want), f"{threads} threads"
 
 
+def test_large_output_on_huge_pages(cfg) -> None:
+    """Outputs of 8 MiB and more are advised onto transparent huge pages before the kernel writes
+    them (runtime/host_memory.py): the values must be the reference's, the shape and dtype torch's."""
+    from bwta_compiler.runtime import host_memory
+
+    case = ("ternary", "float32", "float32", 70, 1100, True, True, True, (6, 2))
+    kern = cpu.load_kernel(_linear_params(case, ISAS[-1]), cfg)
+    x, s, b, w, scale, bias, od = _linear_inputs(case, (2, 1000))
+    got = kern(x, s, b, w, scale, bias, od)
+    assert got.numel() * 4 >= host_memory.MIN_ADVISE_BYTES and got.shape == (2, 1000, 1100)
+    assert torch.equal(got, reference.linear_reference(x, s, b, "ternary", w, 70, scale, bias, od, 64))
+    small = host_memory.empty_output((3, 5), torch.float16)
+    assert small.shape == (3, 5) and small.dtype == torch.float16
+    assert not host_memory.advise_huge_pages(small), "small tensors are left alone"
+
+
 def test_fused_linear_op_launches_kernel(cfg) -> None:
     params = cpu_params("bt", "ternary", "binary", 48, 200, 16, "float32", "float32", cfg, has_bias=True)
     kern = cpu.load_kernel(params, cfg)
