@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -38,15 +37,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def median_s(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_s(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call (one function, no alternation)."""
+    return alternating_medians({"fn": fn}, min_rounds=reps, max_rounds=reps)["fn"]
 
 
 def _compile_time(fn) -> float:
@@ -113,10 +106,10 @@ def bench_decoder(cfg: DecoderConfig, prompt: int, new_tokens: int, reps: int, c
                     logits, cache = m(logits[:, -1:].argmax(-1), cache)
 
             first = _compile_time(decode)
-            pre = median_s(prefill, reps, warmup=1)
-            total = median_s(decode, max(1, reps // 2), warmup=1)
+            pre = median_s(prefill, reps)
+            total = median_s(decode, max(1, reps // 2))
             dec = max(total - pre, 1e-9) / new_tokens
-            step = median_s(lambda m=model: m(tok, long_cache), max(3, reps), warmup=2)
+            step = median_s(lambda m=model: m(tok, long_cache), max(3, reps))
             out[name] = {"prefill_tok_per_s": prompt / pre, "decode_tok_per_s": 1 / dec, "first_call_s": first,
                          f"decode_ctx{context}_tok_per_s": 1 / step}
             print(f"  decoder {name:14s} prefill {prompt / pre:8.1f} tok/s   decode {1 / dec:7.2f} tok/s   "

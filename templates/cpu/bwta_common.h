@@ -88,7 +88,6 @@ BWTA_INLINE __m256i lane_popcnt(bv_t v) { return _mm256_sad_epu8(byte_popcnt(v),
 /* Nibble-split operands (BT on AVX2): the packer stores an activation plane as its low nibbles
  * (x & 0x0f..) and high nibbles ((x >> 4) & 0x0f..), so the masks that select nibbles for the
  * lookup are folded into the activation and cost nothing per word pair (8 ops instead of 9). */
-#define BWTA_HAVE_NIBBLES 1
 BWTA_INLINE bv_t bv_srl4(bv_t v) { return _mm256_srli_epi16(v, 4); }
 BWTA_INLINE cnt_t cnt_add_nib(cnt_t c, bv_t lo, bv_t hi) {
     return _mm256_add_epi8(_mm256_add_epi8(c, _mm256_shuffle_epi8(nibble_lut(), lo)), _mm256_shuffle_epi8(nibble_lut(), hi));
