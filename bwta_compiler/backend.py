@@ -138,10 +138,11 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
         _finish_report(rep, dump, ctx)
         raise UnsupportedError("bwta strict mode: MatMuls that cannot run in low bit:\n" + "\n".join(rep.lines()[1:]))
     t0 = time.perf_counter()
-    compiled = _fallback_compile(gm, fake_inputs, cfg, rep)
+    lifted, lifted_fakes = _lift_constants(gm, fake_inputs)
+    compiled = _fallback_compile(gm, [*fake_inputs, *lifted_fakes], cfg, rep)
     rep.seconds[f"fallback ({cfg.fallback})"] = time.perf_counter() - t0
     _finish_report(rep, dump, ctx)
-    return _with_weight_checks(compiled, gm, ctx)
+    return _with_weight_checks(compiled, gm, ctx, lifted)
 
 
 def _same_shape(real: torch.Tensor, fake: Any) -> bool:
@@ -236,15 +237,51 @@ def _finish_report(rep: GraphReport, dump: DebugDump, ctx) -> None:
     dump.text("kernels.txt", rep.kernel_table())
 
 
-def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx) -> Callable:
+def _lift_constants(gm: GraphModule, fake_inputs: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
+    """Turn the tensors the passes created (packed weights, their alphas: ``_bwta_*`` attributes)
+    into extra graph inputs after the real ones, and return them with their fake twins.
+
+    Why: inductor keeps its own copies of a graph's constants, so packed weights it received as
+    ``get_attr`` constants could not be repacked after compile; as inputs, the tensors repacked in
+    place by :func:`_with_weight_checks` are the ones the compiled code reads."""
+    mode = torch._guards.detect_fake_mode(fake_inputs)
+    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_bwta_")
+             and isinstance(getattr(gm, n.target, None), torch.Tensor)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if mode is None or not nodes or not placeholders:
+        return [], []
+    tensors: list[torch.Tensor] = []
+    fakes: list[Any] = []
+    inputs: dict[str, torch.fx.Node] = {}
+    last = placeholders[-1]
+    for node in nodes:
+        if node.target not in inputs:
+            t = getattr(gm, node.target)
+            with gm.graph.inserting_after(last):
+                last = inputs[node.target] = gm.graph.placeholder(f"{node.target}_input")
+            with unset_fake_temporarily():
+                fake = mode.from_tensor(t, static_shapes=True)
+            last.meta["val"] = fake
+            tensors.append(t)
+            fakes.append(fake)
+        node.replace_all_uses_with(inputs[node.target])
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return tensors, fakes
+
+
+def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx, lifted: Sequence[torch.Tensor] = ()) -> Callable:
     """Wrap the compiled graph so that a folded parameter changed in place (its version counter
-    moved) or swapped for another tensor is repacked before the call instead of being stale."""
+    moved) or swapped for another tensor (another instance of the same model class: Dynamo reuses
+    the compiled graph for it) is repacked before the call instead of being stale; the lifted
+    constants (:func:`_lift_constants`) are appended to the arguments."""
     from bwta_compiler.passes.fold_weight_codes import pack_weight
 
     watched = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
     watched = [(fw, t) for fw, t in watched if t is not None]
     state = {fw.input_index: (t, t._version) for fw, t in watched}
     pad_bits = ctx.cfg.pad_bits
+    extra = list(lifted)
 
     def run(args):
         for fw, _ in watched:
@@ -258,6 +295,8 @@ def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx) -> Callable:
                     packed = cur
                 getattr(gm, fw.packed_attr).copy_(packed)
                 state[fw.input_index] = (cur, cur._version)
+        if extra:
+            args = [*args, *extra]
         return compiled(args)
 
     run._boxed_call = True

@@ -16,6 +16,14 @@ from torch import Tensor, nn
 from . import formats, ops
 
 
+@torch.compiler.disable
+def _raise(kind: type[Exception], message: str) -> None:
+    """Raise a bad-input error from a module's forward outside Dynamo's tracing: a ``raise`` that
+    Dynamo traces makes it skip that forward's code object for good, so after one bad call every
+    instance of the module in the process would run uncompiled (and outside the low-bit kernels)."""
+    raise kind(message)
+
+
 class _ScaleQuantizer(nn.Module):
     """Shared state of the activation quantizers: a learnable per-tensor step size ``scale``,
     LSQ-initialised from the first batch it sees (or from :meth:`init_from`)."""
@@ -178,8 +186,8 @@ class BWTALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"BWTALinear: input has K={x.shape[-1]} (shape {tuple(x.shape)}), "
-                             f"weight expects K={self.in_features} (out_features {self.out_features})")
+            _raise(ValueError, f"BWTALinear: input has K={x.shape[-1]} (shape {tuple(x.shape)}), "
+                               f"weight expects K={self.in_features} (out_features {self.out_features})")
         cx, s = self.act.codes(x)
         cw, alpha = self.weight_codes()
         acc = F.linear(cx.float(), cw.float())
@@ -249,8 +257,8 @@ class BWTAAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                 is_causal: bool = False, scale: float | None = None) -> Tensor:
         if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[-3] % k.shape[-3]:
-            raise ValueError(f"BWTAAttention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                             f"v {tuple(v.shape)} (need equal head dims, equal key lengths, heads divisible)")
+            _raise(ValueError, f"BWTAAttention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                               f"v {tuple(v.shape)} (need equal head dims, equal key lengths, heads divisible)")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         cq, sq = self.q_quant.codes(q)
         ck, sk = self.k_quant.codes(k)

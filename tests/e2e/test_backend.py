@@ -194,15 +194,51 @@ def test_training_mode_trains_through_ste():
     assert any("straight-through" in line for line in bc.last_report().lines())
 
 
-def test_weight_changed_in_place_is_repacked():
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_weight_changed_in_place_is_repacked(fallback):
+    # Inductor keeps its own copies of graph constants: the packed weights must reach it as inputs.
     m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
     x = torch.randn(4, 32)
     _calibrated(m, x)
-    c = _compile(m)
+    c = torch.compile(m, backend="bwta", options={"fallback": fallback})
     with torch.no_grad():
-        c(x)
+        assert torch.equal(c(x), m(x))
         m[0].weight.mul_(-1.0).add_(0.01)
         assert torch.equal(c(x), m(x))
+
+
+def test_second_instance_of_a_model_class_uses_its_own_weights():
+    """Dynamo reuses the graph compiled for one instance for another of the same structure (the
+    parameters are graph inputs): the folded packed weights must follow the instance called."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 40)
+    a = _calibrated(bc.quantize(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))), x)
+    b = _calibrated(bc.quantize(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))), x)
+    with torch.no_grad():
+        ca, cb = torch.compile(a, backend="bwta"), torch.compile(b, backend="bwta")
+        assert torch.equal(ca(x), a(x))
+        assert torch.equal(cb(x), b(x)) and not torch.equal(b(x), a(x))
+        assert torch.equal(ca(x), a(x))
+
+
+def test_bad_input_shape_leaves_later_compiles_low_bit():
+    """A wrong K raises a clear error, and must not make Dynamo skip BWTALinear.forward for the rest
+    of the process (which a ``raise`` traced by Dynamo does: every linear would run uncompiled)."""
+    torch._dynamo.reset()
+    m = _calibrated(bc.quantize(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))), torch.randn(4, 40))
+    c = _compile(m)
+    with torch.no_grad():
+        c(torch.randn(4, 40))
+        with pytest.raises(ValueError, match="K=39"):
+            c(torch.randn(4, 39))
+        bc.reset_reports()
+        x = torch.randn(9, 40)
+        assert torch.equal(c(x), m(x))
+        assert bc.last_report().lowbit == 2
+        fresh = _calibrated(bc.quantize(nn.Sequential(nn.Linear(40, 16))), x)
+        bc.reset_reports()
+        assert torch.equal(_compile(fresh)(x), fresh(x))
+        assert bc.last_report().lowbit == 1
 
 
 def test_dynamic_token_dimension_no_recompile_per_length():
