@@ -204,6 +204,8 @@ def _bind_kernels(gm: GraphModule, ctx, rep: GraphReport, dump: DebugDump) -> No
         if choice is None:
             continue
         name = ""
+        if not choice.template and choice.reason:
+            rep.notes.append(f"{node.name}: {choice.reason}")
         if choice.template:
             kernel, why = runtime_bridge.load(choice, ctx.cfg)
             if kernel is None:

@@ -4,14 +4,18 @@ the backend binds the chosen kernels after the pipeline."""
 
 from __future__ import annotations
 
+import typing
+
 from torch.fx import GraphModule
 
 from bwta_compiler import formats
-from bwta_compiler.kernels import GemmParams, KernelChoice
+from bwta_compiler.kernels import DType, GemmParams, KernelChoice
 
 from .context import PassContext
 from .fuse_lowbit_matmul import FusedSpec
 from .patterns import bwta, is_call
+
+KERNEL_DTYPES = frozenset(typing.get_args(DType))
 
 
 def gemm_params(spec: FusedSpec, pad_bits: int) -> GemmParams:
@@ -24,6 +28,12 @@ def gemm_params(spec: FusedSpec, pad_bits: int) -> GemmParams:
 
 
 def _choose(spec: FusedSpec, ctx: PassContext) -> KernelChoice:
+    unsupported = sorted({spec.in_dtype, spec.out_dtype, spec.b_dtype or spec.in_dtype} - KERNEL_DTYPES)
+    if unsupported:
+        # e.g. a model moved to float64: the fused op still computes the low-bit result (reference).
+        return KernelChoice(spec.variant, "reference", params=gemm_params(spec, ctx.cfg.pad_bits),
+                            reason=f"no kernel for {', '.join(unsupported)} operands "
+                                   f"(kernels take {', '.join(sorted(KERNEL_DTYPES))}); reference op used")
     params = gemm_params(spec, ctx.cfg.pad_bits)
     if not ctx.cfg.codegen:
         return KernelChoice(spec.variant, "reference", params=params, reason="codegen disabled (reference op)")

@@ -221,6 +221,18 @@ def test_second_instance_of_a_model_class_uses_its_own_weights():
         assert torch.equal(ca(x), a(x))
 
 
+def test_float64_model_runs_reference_ops_with_a_note():
+    """No kernel takes float64: the fused ops run their reference (still the low-bit result) and the
+    report says why, instead of the whole graph falling back to float."""
+    x = torch.randn(5, 40, dtype=torch.float64)
+    m = _calibrated(bc.quantize(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))).double(), x)
+    bc.reset_reports()
+    with torch.no_grad():
+        assert torch.equal(_compile(m)(x), m(x))
+    rep = bc.last_report()
+    assert rep.lowbit == 2 and any("float64" in note for g in rep.graphs for note in g.notes)
+
+
 def test_bad_input_shape_leaves_later_compiles_low_bit():
     """A wrong K raises a clear error, and must not make Dynamo skip BWTALinear.forward for the rest
     of the process (which a ``raise`` traced by Dynamo does: every linear would run uncompiled)."""
