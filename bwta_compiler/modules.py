@@ -256,6 +256,12 @@ class BWTAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                 is_causal: bool = False, scale: float | None = None) -> Tensor:
+        return self.attend(q, k, v, attn_mask, is_causal, scale)[0]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+               scale: float | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(out, weights)``: ``weights`` [B, H, T, S] are the quantized probabilities P.V used
+        (bool codes x their scale), in q's dtype, when ``need_weights``; else None."""
         if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[-3] % k.shape[-3]:
             _raise(ValueError, f"BWTAAttention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
                                f"v {tuple(v.shape)} (need equal head dims, equal key lengths, heads divisible)")
@@ -271,7 +277,8 @@ class BWTAAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1)
         cp, sp = self.p_quant.codes(probs)
         out = torch.matmul(cp, cv.float()) * (sp.float() * sv.float())
-        return out.to(q.dtype)
+        weights = (cp * sp.float()).to(q.dtype) if need_weights else None
+        return out.to(q.dtype), weights
 
 
 class BWTAMultiheadAttention(nn.Module):
@@ -313,9 +320,9 @@ class BWTAMultiheadAttention(nn.Module):
         if query.dim() == 2:            # unbatched [L, E] inputs, as nn.MultiheadAttention accepts
             bdim = 0 if self.batch_first else 1
             kpm = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
-            out, _ = self.forward(query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim), kpm,
-                                  need_weights, attn_mask, average_attn_weights, is_causal)
-            return out.squeeze(bdim), None
+            out, weights = self.forward(query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim), kpm,
+                                        need_weights, attn_mask, average_attn_weights, is_causal)
+            return out.squeeze(bdim), (weights.squeeze(0) if weights is not None else None)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, t, _ = query.shape
@@ -325,11 +332,13 @@ class BWTAMultiheadAttention(nn.Module):
         k = self.k_proj(key).view(b, s, h, d).transpose(1, 2)
         v = self.v_proj(value).view(b, s, h, d).transpose(1, 2)
         mask = _merge_mha_masks(attn_mask, key_padding_mask, b, h, t, s, query.dtype)
-        ctx = self.core(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        ctx, weights = self.core.attend(q, k, v, mask, is_causal and mask is None, need_weights=need_weights)
         out = self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)       # [B, T, S], as nn.MultiheadAttention
+        return out, weights
 
 
 def _merge_mha_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, t: int,

@@ -52,7 +52,8 @@ def test_decoder_kv_cache_decoding_matches_full_pass():
 
 
 def _reference_attention(core, q, k, v, mask=None, causal=False):
-    """Independent formula of the BWTA attention core (codes, scales, fp32 softmax, bool P)."""
+    """Independent formula of the BWTA attention core (codes, scales, fp32 softmax, bool P):
+    (output, quantized probabilities)."""
     bw = torch.ops.bwta
     cq = bw.ternary_code(q, core.q_quant.scale.detach(), 1)
     ck = bw.ternary_code(k, core.k_quant.scale.detach(), 1)
@@ -63,7 +64,7 @@ def _reference_attention(core, q, k, v, mask=None, causal=False):
     if causal:
         sc = sc.masked_fill(~torch.ones(sc.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
     p = bw.bool_code(torch.softmax(sc, -1), core.p_quant.scale.detach(), core.p_quant.offset.detach(), 1)
-    return (p @ cv) * (core.p_quant.scale * core.v_quant.scale)
+    return (p @ cv) * (core.p_quant.scale * core.v_quant.scale), p * core.p_quant.scale
 
 
 def test_sdpa_caller_is_redirected_to_bwta_core():
@@ -76,7 +77,7 @@ def test_sdpa_caller_is_redirected_to_bwta_core():
         got = q(x)
         b, t, d = x.shape
         qq, kk, vv = q.qkv(x).view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
-        ctx = _reference_attention(q.bwta_core, qq, kk, vv, causal=True)
+        ctx, _ = _reference_attention(q.bwta_core, qq, kk, vv, causal=True)
         expect = q.proj(ctx.transpose(1, 2).reshape(b, t, d))
     torch.testing.assert_close(got, expect)
 
@@ -96,11 +97,18 @@ def test_multihead_attention_swapped():
         out, weights = layer(x, x, x, key_padding_mask=pad)
         split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)
         mask = torch.zeros(2, 1, 1, 6).masked_fill(pad[:, None, None, :], float("-inf"))
-        ctx = _reference_attention(layer.core, split(layer.q_proj(x)), split(layer.k_proj(x)),
-                                   split(layer.v_proj(x)), mask=mask)
+        ctx, probs = _reference_attention(layer.core, split(layer.q_proj(x)), split(layer.k_proj(x)),
+                                          split(layer.v_proj(x)), mask=mask)
         expect = layer.out_proj(ctx.transpose(1, 2).reshape(2, 6, 32))
-    assert weights is None
+        per_head = layer(x, x, x, key_padding_mask=pad, average_attn_weights=False)[1]
+        assert layer(x, x, x, key_padding_mask=pad, need_weights=False)[1] is None
     torch.testing.assert_close(out, expect)
+    # need_weights (nn.MultiheadAttention's default): the quantized probabilities P.V used,
+    # averaged over heads [B, T, S] unless average_attn_weights=False [B, H, T, S].
+    assert weights.shape == (2, 6, 6) and per_head.shape == (2, 4, 6, 6)
+    torch.testing.assert_close(per_head, probs)
+    torch.testing.assert_close(weights, probs.mean(1))
+    assert probs.abs().sum() > 0 and weights[1, :, 4:].abs().sum() == 0    # padded keys get no weight
 
 
 def test_hf_bert_and_llama():
@@ -168,6 +176,6 @@ def test_matmul_softmax_attention_is_quantized():
         q(x, mask)
         got = q(x, mask)
         split = lambda y: y.view(2, 6, 4, 8).transpose(1, 2)
-        ctx = _reference_attention(q.bwta_core, split(q.q(x)), split(q.k(x)), split(q.v(x)), mask=mask)
+        ctx, _ = _reference_attention(q.bwta_core, split(q.q(x)), split(q.k(x)), split(q.v(x)), mask=mask)
         expect = q.o(ctx.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(got, expect)
