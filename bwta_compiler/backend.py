@@ -57,7 +57,11 @@ def _decompositions(cfg: Config) -> dict:
         return {}
     from torch._inductor.decomposition import select_decomp_table
 
-    return select_decomp_table()
+    # Inductor rewrites tiny MatMuls (a length-1 contraction or output dim: attention over one key,
+    # a K = 1 linear) into pointwise ops; kept as MatMuls, the passes see (and report) every one, and
+    # inductor still lowers the float ones itself.
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+    return {op: fn for op, fn in select_decomp_table().items() if op not in keep}
 
 
 def _constant_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> dict[int, torch.Tensor]:

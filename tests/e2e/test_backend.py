@@ -233,6 +233,18 @@ def test_float64_model_runs_reference_ops_with_a_note():
     assert rep.lowbit == 2 and any("float64" in note for g in rep.graphs for note in g.notes)
 
 
+def test_one_token_attention_stays_low_bit_under_inductor():
+    """Inductor's decompositions turn MatMuls over one key into pointwise ops; bwta keeps them as
+    MatMuls so that attention over a single token is still fused (and counted)."""
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 1, 32)
+    m = _calibrated(bc.quantize(layer), x)
+    bc.reset_reports()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, backend="bwta")(x), m(x))
+    assert bc.last_report().lowbit == 8 == len(bc.last_report().graphs[0].matmuls)
+
+
 def test_bad_input_shape_leaves_later_compiles_low_bit():
     """A wrong K raises a clear error, and must not make Dynamo skip BWTALinear.forward for the rest
     of the process (which a ``raise`` traced by Dynamo does: every linear would run uncompiled)."""
