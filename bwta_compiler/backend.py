@@ -285,22 +285,24 @@ def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx, lifted: Sequen
 
     watched = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
     watched = [(fw, t) for fw, t in watched if t is not None]
-    state = {fw.input_index: (t, t._version) for fw, t in watched}
+    # (tensor, version, data pointer): `p.data = t` and `model.to(...)` swap a parameter's storage
+    # without moving its version counter; only `p.data.copy_(...)` stays invisible (see README).
+    state = {fw.input_index: (t, t._version, t.data_ptr()) for fw, t in watched}
     pad_bits = ctx.cfg.pad_bits
     extra = list(lifted)
 
     def run(args):
         for fw, _ in watched:
             cur = args[fw.input_index]
-            ref, ver = state[fw.input_index]
-            if cur is not ref or cur._version != ver:
+            ref, ver, ptr = state[fw.input_index]
+            if cur is not ref or cur._version != ver or cur.data_ptr() != ptr:
                 if fw.alpha_attr:
                     packed, alpha = pack_weight(cur, pad_bits)
                     getattr(gm, fw.alpha_attr).copy_(alpha)
                 else:
                     packed = cur
                 getattr(gm, fw.packed_attr).copy_(packed)
-                state[fw.input_index] = (cur, cur._version)
+                state[fw.input_index] = (cur, cur._version, cur.data_ptr())
         if extra:
             args = [*args, *extra]
         return compiled(args)

@@ -21,7 +21,7 @@ from .patterns import bwta, is_call
 
 # Packed weights by parameter: a model compiles to several graphs (prefill, decode step, a graph
 # break, a new dynamic shape) that fold the same parameters; packing a LLaMA-7B layer's 400M
-# weights takes seconds, so each (tensor, version, pad_bits) is packed once.  Keyed by identity
+# weights takes seconds, so each (tensor, version, storage, pad_bits) is packed once.  Keyed by identity
 # (tensors compare elementwise, so no WeakKeyDictionary); the entry goes when the tensor does.
 _PACKED: dict[int, tuple] = {}
 
@@ -33,7 +33,7 @@ def _forget(ref: weakref.ref, ident: int) -> None:
 
 def pack_weight(w: torch.Tensor, pad_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed words [N, Kw] int32, alpha [N] fp32) of a float weight [N, K]."""
-    key = (w._version, pad_bits, w.dtype, tuple(w.shape))
+    key = (w._version, w.data_ptr(), pad_bits, w.dtype, tuple(w.shape))
     hit = _PACKED.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == key:
         # Copies: each graph owns its constants (the run-time repack writes into them in place).

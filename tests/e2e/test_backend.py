@@ -207,6 +207,25 @@ def test_weight_changed_in_place_is_repacked(fallback):
         assert torch.equal(c(x), m(x))
 
 
+def test_weight_storage_swapped_is_repacked():
+    """``p.data = t`` and ``model.to(dtype)`` round trips give a parameter new storage without moving
+    its version counter: the data pointer catches them."""
+    m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
+    x = torch.randn(4, 32)
+    _calibrated(m, x)
+    c = _compile(m)
+    with torch.no_grad():
+        assert torch.equal(c(x), m(x))
+        m[0].weight.data = torch.randn(16, 32)
+        assert torch.equal(c(x), m(x))
+        m.to(torch.bfloat16)
+        assert torch.equal(c(x.bfloat16()), m(x.bfloat16()))
+        m.to(torch.float32)
+        m[0].weight.data.mul_(-1.0)         # through .data: invisible to the version counter ...
+        m.to(torch.float64).to(torch.float32)  # ... until the storage moves
+        assert torch.equal(c(x), m(x))
+
+
 def test_second_instance_of_a_model_class_uses_its_own_weights():
     """Dynamo reuses the graph compiled for one instance for another of the same structure (the
     parameters are graph inputs): the folded packed weights must follow the instance called."""
