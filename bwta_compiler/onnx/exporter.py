@@ -17,7 +17,6 @@ the imported model reproduces the torch model's low-bit arithmetic bit for bit.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -96,7 +95,14 @@ def _translation_table() -> dict:
                pad_bits: int = formats.DEFAULT_PAD_BITS, kernel: str = ""):
         if scale is None:
             raise NotImplementedError("ai.bwta.Linear export needs the epilogue scale")
-        dt = _TORCH_TO_ONNX[out_dtype] if out_dtype is not None else onnx.TensorProto.FLOAT
+        # The exporter hands a dtype argument over as an onnx_ir DataType (an IntEnum of the
+        # TensorProto codes), not a torch.dtype.
+        if out_dtype is None:
+            dt = onnx.TensorProto.FLOAT
+        elif isinstance(out_dtype, torch.dtype):
+            dt = _TORCH_TO_ONNX[out_dtype]
+        else:
+            dt = int(out_dtype)
         return bw.Linear(x, s, b, w_packed, scale, bias, act=act, k=k, pad_bits=pad_bits, out_dtype=dt)
 
     b = torch.ops.bwta
@@ -160,18 +166,14 @@ def export(model: nn.Module, example_inputs: Tensor | Sequence[Any], path: str |
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         dynamic_shapes = _auto_dynamic_shapes(args)
     path = os.fspath(path)
-    # onnx-ir warns once per ai.bwta output that it has no type recorded; the importer does not need it.
-    serde_log = logging.getLogger("onnx_ir.serde")
-    level = serde_log.level
-    serde_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, path, opset_version=opset_version, dynamic_shapes=dynamic_shapes,
-                              external_data=external_data, custom_translation_table=_translation_table(),
-                              verbose=verbose, **export_kwargs)
-    finally:
-        serde_log.setLevel(level)
+    # The exporter's onnxscript optimizer replaces each node output's type by the one onnx shape
+    # inference gives it; the ai.bwta schemas' inference functions (schemas.py) keep every ai.bwta
+    # output typed through that, Linear's Y included (its type is the out_dtype attribute).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, path, opset_version=opset_version, dynamic_shapes=dynamic_shapes,
+                          external_data=external_data, custom_translation_table=_translation_table(),
+                          verbose=verbose, **export_kwargs)
     if check:
         schemas.register()
         onnx.checker.check_model(path, full_check=False)
