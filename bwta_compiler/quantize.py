@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 import inspect
 import re
@@ -87,6 +88,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Return a copy of ``model`` with BWTA linear layers and attention (see module docstring)."""
     config = config or QuantConfig()
     model = copy.deepcopy(model)
+    if isinstance(model, (nn.Linear, nn.MultiheadAttention, AttentionCore)) or _is_hf_conv1d(model):
+        # A bare layer: swap it inside a holder (the loop below swaps children), then unwrap.
+        holder = quantize(nn.ModuleDict({"root": model}), config)
+        new = holder["root"]
+        new.bwta_report = [dataclasses.replace(e, name="") for e in holder.bwta_report]
+        return new
     report: list[ReportEntry] = []
     for name, mod in list(model.named_modules()):
         if not name:

@@ -208,6 +208,8 @@ def linear(x: Tensor, s: Tensor, b: Tensor | None, act: str, w_packed: Tensor, k
 
 @linear.register_fake
 def _(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
+    # Pins a symbolic feature dim (e.g. an ONNX export with dynamic_shapes="auto") to the weight's K.
+    torch._check(x.shape[-1] == k, lambda: f"bwta::linear: input K does not match the packed weight's K={k}")
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype or torch.float32)
 
 

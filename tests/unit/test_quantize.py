@@ -179,3 +179,20 @@ def test_matmul_softmax_attention_is_quantized():
         ctx, _ = _reference_attention(q.bwta_core, split(q.q(x)), split(q.k(x)), split(q.v(x)), mask=mask)
         expect = q.o(ctx.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(got, expect)
+
+
+def test_bare_layers_are_swapped():
+    """quantize() of a single layer returns its BWTA twin (not the layer unchanged)."""
+    lin = nn.Linear(33, 5)
+    q = bc.quantize(lin)
+    assert isinstance(q, bc.BWTALinear) and torch.equal(q.weight, lin.weight)
+    assert [(e.name, e.kind, e.choice) for e in q.bwta_report] == [("", "linear", "bwta")]
+    x = torch.randn(3, 33)
+    with torch.no_grad():
+        q(x)
+        cw, alpha = torch.ops.bwta.binary_code(lin.weight)
+        expect = torch.ops.bwta.ternary_code(x, q.act.scale, 1) @ cw.t() * (alpha * q.act.scale) + lin.bias
+        torch.testing.assert_close(q(x), expect)
+    mha = bc.quantize(nn.MultiheadAttention(16, 2, batch_first=True))
+    assert isinstance(mha, bc.BWTAMultiheadAttention)
+    assert bc.quantize(lin, bc.QuantConfig(rules=[(".*", "float")])).__class__ is nn.Linear
