@@ -304,7 +304,9 @@ def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx, lifted: Sequen
                 getattr(gm, fw.packed_attr).copy_(packed)
                 state[fw.input_index] = (cur, cur._version, cur.data_ptr())
         if extra:
-            args = [*args, *extra]
+            # Boxed convention: the callee owns (and may clear) the list, so extend it in place.
+            args = args if isinstance(args, list) else list(args)
+            args.extend(extra)
         return compiled(args)
 
     run._boxed_call = True
