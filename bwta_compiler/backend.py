@@ -30,6 +30,7 @@ from .config import Config
 from .debug import DebugDump, next_graph_id
 from .errors import BWTAError, UnsupportedError
 from .report import GraphReport, add_graph
+from .weight_binding import WeightBinder, lift_constants
 
 log = logging.getLogger("bwta_compiler.backend")
 
@@ -142,11 +143,13 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
         _finish_report(rep, dump, ctx)
         raise UnsupportedError("bwta strict mode: MatMuls that cannot run in low bit:\n" + "\n".join(rep.lines()[1:]))
     t0 = time.perf_counter()
-    lifted, lifted_fakes = _lift_constants(gm, fake_inputs)
-    compiled = _fallback_compile(gm, [*fake_inputs, *lifted_fakes], cfg, rep)
+    names, tensors, fakes = lift_constants(gm, fake_inputs)
+    compiled = _fallback_compile(gm, [*fake_inputs, *fakes], cfg, rep)
     rep.seconds[f"fallback ({cfg.fallback})"] = time.perf_counter() - t0
     _finish_report(rep, dump, ctx)
-    return _with_weight_checks(compiled, gm, ctx, lifted)
+    folded = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
+    folded = [(fw, t) for fw, t in folded if t is not None]
+    return WeightBinder(compiled, [fw for fw, _ in folded], [t for _, t in folded], names, tensors, cfg.pad_bits)
 
 
 def _same_shape(real: torch.Tensor, fake: Any) -> bool:
@@ -241,76 +244,6 @@ def _finish_report(rep: GraphReport, dump: DebugDump, ctx) -> None:
     dump.text("report.txt", "\n".join(rep.lines()) + "\n" + "\ncounters:\n" +
               "".join(f"  {k}: {v}\n" for k, v in sorted(ctx.counters.items())))
     dump.text("kernels.txt", rep.kernel_table())
-
-
-def _lift_constants(gm: GraphModule, fake_inputs: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
-    """Turn the tensors the passes created (packed weights, their alphas: ``_bwta_*`` attributes)
-    into extra graph inputs after the real ones, and return them with their fake twins.
-
-    Why: inductor keeps its own copies of a graph's constants, so packed weights it received as
-    ``get_attr`` constants could not be repacked after compile; as inputs, the tensors repacked in
-    place by :func:`_with_weight_checks` are the ones the compiled code reads."""
-    mode = torch._guards.detect_fake_mode(fake_inputs)
-    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_bwta_")
-             and isinstance(getattr(gm, n.target, None), torch.Tensor)]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if mode is None or not nodes or not placeholders:
-        return [], []
-    tensors: list[torch.Tensor] = []
-    fakes: list[Any] = []
-    inputs: dict[str, torch.fx.Node] = {}
-    last = placeholders[-1]
-    for node in nodes:
-        if node.target not in inputs:
-            t = getattr(gm, node.target)
-            with gm.graph.inserting_after(last):
-                last = inputs[node.target] = gm.graph.placeholder(f"{node.target}_input")
-            with unset_fake_temporarily():
-                fake = mode.from_tensor(t, static_shapes=True)
-            last.meta["val"] = fake
-            tensors.append(t)
-            fakes.append(fake)
-        node.replace_all_uses_with(inputs[node.target])
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return tensors, fakes
-
-
-def _with_weight_checks(compiled: Callable, gm: GraphModule, ctx, lifted: Sequence[torch.Tensor] = ()) -> Callable:
-    """Wrap the compiled graph so that a folded parameter changed in place (its version counter
-    moved) or swapped for another tensor (another instance of the same model class: Dynamo reuses
-    the compiled graph for it) is repacked before the call instead of being stale; the lifted
-    constants (:func:`_lift_constants`) are appended to the arguments."""
-    from bwta_compiler.passes.fold_weight_codes import pack_weight
-
-    watched = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
-    watched = [(fw, t) for fw, t in watched if t is not None]
-    # (tensor, version, data pointer): `p.data = t` and `model.to(...)` swap a parameter's storage
-    # without moving its version counter; only `p.data.copy_(...)` stays invisible (see README).
-    state = {fw.input_index: (t, t._version, t.data_ptr()) for fw, t in watched}
-    pad_bits = ctx.cfg.pad_bits
-    extra = list(lifted)
-
-    def run(args):
-        for fw, _ in watched:
-            cur = args[fw.input_index]
-            ref, ver, ptr = state[fw.input_index]
-            if cur is not ref or cur._version != ver or cur.data_ptr() != ptr:
-                if fw.alpha_attr:
-                    packed, alpha = pack_weight(cur, pad_bits)
-                    getattr(gm, fw.alpha_attr).copy_(alpha)
-                else:
-                    packed = cur
-                getattr(gm, fw.packed_attr).copy_(packed)
-                state[fw.input_index] = (cur, cur._version, cur.data_ptr())
-        if extra:
-            # Boxed convention: the callee owns (and may clear) the list, so extend it in place.
-            args = args if isinstance(args, list) else list(args)
-            args.extend(extra)
-        return compiled(args)
-
-    run._boxed_call = True
-    return run
 
 
 def _name_of(ctx, index: int) -> str:

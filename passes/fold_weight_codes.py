@@ -2,8 +2,8 @@
 
 ``bwta::binary_code(W)`` of a frozen parameter becomes two constants on the module, the packed
 binary words ``[N, Kw]`` (int32) and the per-channel scale ``alpha``; uses of the codes read them
-through ``bwta::unpack_binary`` (which the fusion pass then swallows).  The run-time wrapper
-checks each folded parameter's version counter and repacks when it was changed in place.
+through ``bwta::unpack_binary`` (which the fusion pass then swallows).  At run time
+``weight_binding.WeightBinder`` passes the packed set of the parameters actually called with.
 """
 
 from __future__ import annotations

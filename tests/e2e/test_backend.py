@@ -4,6 +4,7 @@ debug dump, dynamic token dimension, weight changes, freeze."""
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -238,6 +239,21 @@ def test_second_instance_of_a_model_class_uses_its_own_weights():
         assert torch.equal(ca(x), a(x))
         assert torch.equal(cb(x), b(x)) and not torch.equal(b(x), a(x))
         assert torch.equal(ca(x), a(x))
+    # From two threads at once: each call binds its own instance's packed set (nothing is repacked
+    # in place), so no call sees the other instance's weights.
+    wrong = []
+
+    def calls(c, m):
+        with torch.no_grad():
+            want = m(x)
+            wrong.extend(i for i in range(25) if not torch.equal(c(x), want))
+
+    threads = [threading.Thread(target=calls, args=pair) for pair in ((ca, a), (cb, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
 
 
 def test_float64_model_runs_reference_ops_with_a_note():
