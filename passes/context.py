@@ -25,8 +25,8 @@ class MatmulRecord:
 
 @dataclass(frozen=True)
 class FoldedWeight:
-    """A weight whose binary codes were packed at compile time (checked against its version
-    counter at run time, and repacked if the parameter changed in place)."""
+    """A weight whose binary codes were packed at compile time (at run time the packed set is
+    bound to the parameter actually passed: see ``bwta_compiler.weight_binding``)."""
 
     input_index: int
     packed_attr: str
