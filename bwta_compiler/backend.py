@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -83,12 +84,27 @@ def _constant_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> dict[int
 # ---- training graphs: no packed kernels, quantizers' straight-through backward ----------------
 
 
+_TORCH_MATMULS = (torch.nn.functional.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
+                  operator.matmul)
+_METHOD_MATMULS = ("matmul", "mm", "bmm", "__matmul__")
+
+
 def _compile_training(gm: GraphModule, example_inputs, cfg: Config, graph_id: int):
+    from bwta_compiler.passes import MatmulRecord
+
     rep = GraphReport(graph_id, mode="training")
     rep.notes.append("graph needs gradients: it trains through the quantizers' straight-through backward; "
                      "run under torch.no_grad() / torch.inference_mode() to use the low-bit kernels")
+    # Every MatMul of a training graph runs in float (on fake-quantized codes): counted as such.
+    rep.matmuls = [MatmulRecord(n.name, getattr(n.target, "__name__", str(n.target)), reason="training graph")
+                   for n in gm.graph.nodes
+                   if (n.op == "call_function" and n.target in _TORCH_MATMULS)
+                   or (n.op == "call_method" and n.target in _METHOD_MATMULS)]
     add_graph(rep)
     log.info(rep.summary())
+    dump = DebugDump(cfg.debug_dir, graph_id)
+    dump.graph(0, "input", gm)
+    dump.text("report.txt", "\n".join(rep.lines()) + "\n")
     if cfg.fallback == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

@@ -14,17 +14,29 @@ from torch.fx import GraphModule
 
 log = logging.getLogger("bwta_compiler.debug")
 _graph_ids = itertools.count()
+# Per dump root: the first directory number this process uses (after the graphs already there,
+# so a second run into the same directory adds to it instead of overwriting graph_000, ...).
+_offsets: dict[Path, int] = {}
 
 
 def next_graph_id() -> int:
     return next(_graph_ids)
 
 
+def _offset(root: Path) -> int:
+    if root not in _offsets:
+        taken = [int(p.name[6:]) for p in root.glob("graph_*") if p.name[6:].isdigit()] if root.is_dir() else []
+        _offsets[root] = max(taken, default=-1) + 1
+    return _offsets[root]
+
+
 class DebugDump:
-    """Writes into ``<root>/graph_<id>/``; every method is a no-op when ``root`` is empty."""
+    """Writes into ``<root>/graph_<n>/`` (n = the graph id, after the graphs a previous process left
+    in ``root``); every method is a no-op when ``root`` is empty."""
 
     def __init__(self, root: str, graph_id: int) -> None:
-        self.dir: Path | None = Path(root) / f"graph_{graph_id:03d}" if root else None
+        base = Path(root).resolve() if root else None
+        self.dir: Path | None = base / f"graph_{graph_id + _offset(base):03d}" if base else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             log.info("bwta debug dump for graph %d: %s", graph_id, self.dir)

@@ -230,20 +230,34 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
     if not _is_hf_model(model):
         return []
     entries = []
-    attn_modules = [(n, m) for n, m in model.named_modules()
-                    if type(m).__name__.endswith(("SelfAttention", "Attention")) and hasattr(m, "config")
-                    and not any(isinstance(c, nn.Module) and type(c).__name__.endswith("SelfAttention") for c in m.children())]
+    leaves = [(n, m) for n, m in model.named_modules()
+              if type(m).__name__.endswith(("SelfAttention", "Attention"))
+              and not isinstance(m, (BWTAAttention, BWTAMultiheadAttention, AttentionCore, nn.MultiheadAttention))
+              and not any(isinstance(c, nn.Module) and type(c).__name__.endswith("SelfAttention") for c in m.children())]
+    # Modules without a config cannot read the attention implementation (DeBERTa-v2's disentangled
+    # attention, MPNet's relative-position attention): they compute attention themselves, in float.
+    own = [ReportEntry(n, "attention", "float", f"{type(m).__name__} computes attention itself "
+                       "(not through transformers' AttentionInterface)")
+           for n, m in leaves if not hasattr(m, "config") and _computes_attention(m)]
+    attn_modules = [(n, m) for n, m in leaves if hasattr(m, "config")]
     if not attn_modules:
-        return []
+        return own
+    # Attention arguments BWTA attention does not implement, known from the config: such layers run
+    # the model's own float attention (the run-time check in _bwta_hf_attention says so too).
+    float_kwargs = [kw for kw, attr in (("softcap", "attn_logit_softcapping"),) if getattr(model.config, attr, None)]
     if not config.attention or not _register_hf_attention():
-        return [ReportEntry(n, "attention", "float", "attention quantization off or transformers too old")
-                for n, _ in attn_modules]
+        return own + [ReportEntry(n, "attention", "float", "attention quantization off or transformers too old")
+                      for n, _ in attn_modules]
     for name, mod in attn_modules:
-        if config.choice(name) == "bwta":
+        unsupported = float_kwargs + (["sinks"] if isinstance(getattr(mod, "sinks", None), torch.Tensor) else [])
+        if config.choice(name) != "bwta":
+            entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
+        elif unsupported:
+            entries.append(ReportEntry(name, "attention", "float", f"passes {', '.join(unsupported)} to attention, "
+                                       "which BWTA attention does not implement"))
+        else:
             mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
             entries.append(ReportEntry(name, "attention", "bwta"))
-        else:
-            entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
     if any(e.choice == "bwta" for e in entries):
         model.set_attn_implementation("bwta")
         if model.config._attn_implementation != "bwta":
@@ -252,12 +266,12 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
             for _, mod in attn_modules:
                 if hasattr(mod, "bwta_core"):
                     del mod.bwta_core
-            return [ReportEntry(n, "attention", "float", why) for n, _ in attn_modules]
+            return own + [ReportEntry(n, "attention", "float", why) for n, _ in attn_modules]
         for name, mod in attn_modules:
             if not hasattr(mod, "bwta_core"):
                 # Kept-float layers run the same function with a float core.
                 mod.bwta_core = _FloatCore()
-    return entries
+    return own + entries
 
 
 class _FloatCore(AttentionCore):

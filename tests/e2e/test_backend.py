@@ -193,6 +193,25 @@ def test_training_mode_trains_through_ste():
     assert losses[-1] < 0.8 * losses[0]
     assert bc.last_report().graphs[0].mode == "training"
     assert any("straight-through" in line for line in bc.last_report().lines())
+    # Its two MatMuls are counted, as float (not "0 of 0").
+    assert (bc.last_report().lowbit, bc.last_report().total) == (0, 2)
+
+
+def test_debug_dump_training_graphs_and_a_second_run(tmp_path):
+    """Training graphs are dumped too; a later run into the same directory numbers its graphs after
+    the ones already there instead of overwriting them."""
+    from bwta_compiler import debug
+
+    m = _calibrated(bc.quantize(nn.Sequential(nn.Linear(16, 8))), torch.randn(4, 16))
+    (tmp_path / "graph_000").mkdir()          # left by an earlier process
+    (tmp_path / "graph_000" / "report.txt").write_text("earlier run")
+    debug._offsets.clear()
+    c = _compile(m.train(), debug_dir=str(tmp_path))
+    c(torch.randn(4, 16)).sum().backward()
+    dumped = sorted(p.name for p in tmp_path.iterdir())
+    assert dumped[0] == "graph_000" and (tmp_path / "graph_000" / "report.txt").read_text() == "earlier run"
+    assert len(dumped) == 2 and (tmp_path / dumped[1] / "00_input.py").exists()
+    assert "training graph" in (tmp_path / dumped[1] / "report.txt").read_text()
 
 
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])

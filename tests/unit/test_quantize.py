@@ -196,3 +196,19 @@ def test_bare_layers_are_swapped():
     mha = bc.quantize(nn.MultiheadAttention(16, 2, batch_first=True))
     assert isinstance(mha, bc.BWTAMultiheadAttention)
     assert bc.quantize(lin, bc.QuantConfig(rules=[(".*", "float")])).__class__ is nn.Linear
+
+
+def test_hf_attention_that_stays_float_is_reported():
+    """Attention BWTA cannot take over is listed as float with the reason, never counted as BWTA:
+    modules that compute attention themselves (DeBERTa-v2, MPNet) and layers passing a logit
+    softcap (Gemma 2)."""
+    transformers = pytest.importorskip("transformers")
+    deberta = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        relative_attention=True, position_buckets=8))
+    gemma2 = transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    for model, why in ((deberta, "computes attention itself"), (gemma2, "softcap")):
+        entries = [e for e in bc.quantize(model.eval()).bwta_report if e.kind == "attention"]
+        assert len(entries) == 1 and entries[0].choice == "float" and why in entries[0].reason, entries
