@@ -19,12 +19,43 @@ SetupFn = Callable[[argparse.ArgumentParser], None]
 # **** bwta cache list | size | clear **********************************************************
 
 
+class _CacheDirError(Exception):
+    """A cache root that cannot be used; ``_cache_command`` prints it as one ``bwta: ...`` line."""
+
+
 def _cache(args: argparse.Namespace):
+    import os
+
     from . import config
     from .runtime.cache import KernelCache
 
-    cfg = config.resolve({"cache_dir": args.dir} if args.dir else None)
-    return KernelCache(cfg.cache_dir, enabled=True, size_limit_mb=cfg.cache_size_mb)
+    try:
+        cfg = config.resolve({"cache_dir": args.dir} if args.dir else None)
+    except ValueError as e:
+        raise _CacheDirError(e) from None
+    root = cfg.cache_dir
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise _CacheDirError(f"cache dir {root} is not a directory")
+    return KernelCache(root, enabled=True, size_limit_mb=cfg.cache_size_mb)
+
+
+def _cache_command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func`` with an unusable cache root (bad path, permission denied, ...) reported as one
+    ``bwta: ...`` line on stderr and exit code 2, instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except _CacheDirError as e:
+            print(f"bwta: {e}", file=sys.stderr)
+        except OSError as e:
+            what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            print(f"bwta: cannot use the kernel cache: {what}", file=sys.stderr)
+        return 2
+
+    run.__name__ = run.__qualname__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
 
 
 def _human(n: int) -> str:
@@ -65,7 +96,7 @@ def setup_cache(parser: argparse.ArgumentParser) -> None:
     for name, func, text in (("list", _cache_list, "list entries, most recently used first"),
                              ("size", _cache_size, "total size on disk"),
                              ("clear", _cache_clear, "remove every entry")):
-        actions.add_parser(name, help=text).set_defaults(func=func)
+        actions.add_parser(name, help=text).set_defaults(func=_cache_command(func))
 
 
 def _onnx_subcommands() -> dict[str, tuple[SetupFn, str]]:

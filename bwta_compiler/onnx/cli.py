@@ -87,17 +87,43 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 # ---- shared helpers -----------------------------------------------------------------------------
 
 
+class CliError(ValueError):
+    """A bad command line: the handlers print ``bwta: <message>`` (one line) and exit with 2."""
+
+
+def _fail(message: object) -> int:
+    print(f"bwta: {message}", file=sys.stderr)
+    return 2
+
+
 def _options(args: argparse.Namespace, **extra: Any) -> dict:
+    """The ``-o NAME=VALUE`` options (plus ``--target`` and ``extra``), checked by
+    ``bwta_compiler.config.resolve``: an unknown name or a bad value raises ``CliError``."""
+    from .. import config
+
     opts: dict[str, Any] = {}
     for item in args.option:
         if "=" not in item:
-            raise SystemExit(f"bwta: --option expects NAME=VALUE, got {item!r}")
+            raise CliError(f"--option expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         opts[k.strip()] = v.strip()
     if args.target != "auto":
         opts["target"] = args.target
     opts.update({k: v for k, v in extra.items() if v})
+    try:
+        config.resolve(opts)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     return opts
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--batch and --seq (and bench's --iters / --warmup) must make sense before anything runs."""
+    for name, minimum in (("batch", 1), ("seq", 1), ("iters", 1), ("warmup", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+            raise CliError(f"--{name} must be {kind}, got {value}")
 
 
 def example_inputs(path: str, batch: int, seq: int, seed: int = 0) -> list:
@@ -151,16 +177,22 @@ def _reset_report() -> None:
     reset_reports()
 
 
-def _import(args: argparse.Namespace, progress: Progress):
+def _import(args: argparse.Namespace, progress: Progress, path: str = "", quantize: bool | None = None,
+            text: str = ""):
+    """Import ``path`` (default ``args.model``, quantized with ``--quantize``) under a progress step;
+    an ``OnnxImportError`` becomes one ``bwta: ...`` line on stderr and ``None``."""
     from ..errors import OnnxImportError
     from .importer import import_model
 
-    with progress.step(f"importing {args.model}" + (" and quantizing to BWTA" if args.quantize else "")):
-        try:
-            gm = import_model(args.model, quantize=True if args.quantize else None)
-        except OnnxImportError as e:
-            print(f"bwta: {e}", file=sys.stderr)
-            return None
+    if not path:
+        path, quantize = args.model, (True if args.quantize else None)
+        text = f"importing {path}" + (" and quantizing to BWTA" if args.quantize else "")
+    try:
+        with progress.step(text or f"importing {path}"):
+            gm = import_model(path, quantize=quantize)
+    except OnnxImportError as e:
+        _fail(e)
+        return None
     n_bwta = sum(1 for n in gm.graph.nodes if n.op == "call_function" and "bwta" in str(n.target))
     print(f"      {len(gm.graph.nodes)} FX nodes, {n_bwta} bwta ops", file=progress.stream)
     return gm
@@ -170,6 +202,11 @@ def _import(args: argparse.Namespace, progress: Progress):
 
 
 def run_compile(args: argparse.Namespace) -> int:
+    try:
+        _check_sizes(args)
+        opts = _options(args, debug_dir=args.dump)
+    except CliError as e:
+        return _fail(e)
     import torch
 
     progress = Progress(3)
@@ -177,7 +214,6 @@ def run_compile(args: argparse.Namespace) -> int:
     if gm is None:
         return 2
     inputs = example_inputs(args.model, args.batch, args.seq)
-    opts = _options(args, debug_dir=args.dump)
     _reset_report()
     with progress.step(f"compiling with bwta (options {opts or 'default'}); the first call generates and "
                        f"compiles the kernels"):
@@ -217,26 +253,32 @@ def _time(fn: Callable, inputs: list, iters: int, warmup: int, cuda: bool) -> li
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    try:
+        _check_sizes(args)
+        opts = _options(args)
+    except CliError as e:
+        return _fail(e)
     import torch
 
-    from .importer import import_model
-
-    progress = Progress(5)
+    progress = Progress(6)
     gm = _import(args, progress)
     if gm is None:
         return 2
     cuda = args.target == "cuda" or (args.target == "auto" and torch.cuda.is_available())
     device = "cuda" if cuda else "cpu"
     inputs = [x.to(device) for x in example_inputs(args.model, args.batch, args.seq)]
-    with progress.step("preparing the float baseline" + (f" from {args.float_model}" if args.float_model else "")):
-        base = import_model(args.float_model) if args.float_model else import_model(args.model)
+    float_path = args.float_model or args.model
+    base = _import(args, progress, float_path, None, f"importing the float baseline {float_path}")
+    if base is None:
+        return 2
+    with progress.step("compiling the float baseline with inductor"):
         base = base.to(device)
         base_c = torch.compile(base, backend="inductor")
         _time(base_c, inputs, 1, 0, cuda)
     gm = gm.to(device)
     _reset_report()
     with progress.step("compiling with bwta"):
-        compiled = torch.compile(gm, backend="bwta", options=_options(args) or None)
+        compiled = torch.compile(gm, backend="bwta", options=opts or None)
         _time(compiled, inputs, 1, 0, cuda)
     with progress.step(f"timing float ({args.iters} iterations)"):
         t_float = _time(base_c, inputs, args.iters, args.warmup, cuda)
@@ -253,6 +295,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["BENCH_HELP", "COMPILE_HELP", "Progress", "add_bench_parser", "add_compile_parser", "example_inputs",
+__all__ = ["BENCH_HELP", "COMPILE_HELP", "CliError", "Progress", "add_bench_parser", "add_compile_parser", "example_inputs",
            "run_bench", "run_compile", "setup_bench", "setup_compile"]
 _ = Optional
