@@ -2,7 +2,8 @@
 
 The backend calls :func:`load` after the pass pipeline; a target whose runtime is missing
 (no C compiler, no CUDA device, ...) yields ``None`` and a reason, and the fused op then runs
-its reference implementation.  Runtime modules are imported lazily, so importing
+its reference implementation.  A kernel that fails to load (OSError, e.g. a corrupt cached
+shared object) is rebuilt once; if it still cannot be loaded, only that op falls back.  Runtime modules are imported lazily, so importing
 ``bwta_compiler`` never imports cuda-python.
 """
 
@@ -41,6 +42,18 @@ def _target_params(choice: KernelChoice, cfg: Config):
     return select(choice.params, cfg)
 
 
+def _load_or_rebuild(rt, params, cfg: Config):
+    """``rt.load_kernel``; a cached artifact that fails to load (OSError: a bad ELF whose manifest
+    still matches, a missing library) is rebuilt once, replacing the cache entry."""
+    try:
+        return rt.load_kernel(params, cfg)
+    except OSError as e:
+        if cfg.always_compile:  # it was just built: building again would not help
+            raise
+        log.warning("bwta kernel failed to load (%s: %s); rebuilding it", type(e).__name__, e)
+    return rt.load_kernel(params, cfg.replace(always_compile=True))
+
+
 def load(choice: KernelChoice, cfg: Config) -> tuple[Any | None, str]:
     """(loaded kernel, "") or (None, why not)."""
     try:
@@ -51,10 +64,13 @@ def load(choice: KernelChoice, cfg: Config) -> tuple[Any | None, str]:
         return None, f"{choice.target} target unavailable on this machine"
     try:
         params = _target_params(choice, cfg)
-        kernel = rt.load_kernel(params, cfg)
+        kernel = _load_or_rebuild(rt, params, cfg)
     except CompileError as e:
         log.warning("bwta kernel compile failed: %s", e)
         return None, f"kernel compile failed: {str(e).splitlines()[0]}"
+    except OSError as e:
+        log.warning("bwta kernel for %s could not be loaded, even rebuilt: %s", choice.describe(), e)
+        return None, f"kernel could not be loaded: {type(e).__name__}: {e}"
     except (ImportError, ValueError, NotImplementedError) as e:
         return None, f"no {choice.target} kernel for {choice.describe()}: {e}"
     if kernel is None:

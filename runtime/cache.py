@@ -12,6 +12,12 @@ builders: when two processes compile the same kernel at once the second waits, f
 one's valid entry and uses it; both succeed.  The manifest's mtime is touched on every use and
 the oldest entries are evicted when the cache outgrows its size limit (LRU).  The root is
 created with owner-only permissions (0o700): artifacts are loaded as code.
+
+A root that cannot be used (a regular file, a path under a file, a directory this user cannot
+write) does not stop kernels from building: the cache warns once, naming the path and the reason,
+and builds uncached from then on, as with ``BWTA_CACHE=0``.  Uncached builds go to one private
+temp directory per cache object (``bwta-nocache-*``), removed when the cache is collected or the
+process exits (a loaded shared object stays mapped after its file is gone).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,6 +122,8 @@ class KernelCache:
         self.size_limit = int(size_limit_mb) * (1 << 20)
         self._memory: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
+        self.unusable_reason: str | None = None  # set when the root cannot be used (builds go uncached)
+        self._nocache_dir: Path | None = None  # the temp dir of uncached builds, created on first use
 
     # ---- lookup ----------------------------------------------------------------------------
 
@@ -130,10 +139,11 @@ class KernelCache:
         with self._lock:
             if not force and digest in self._memory:
                 return self._mark_hit(self._memory[digest])
-            if not self.enabled:
-                entry = self._build_uncached(key, source, artifact_name, build)
-            else:
+            entry = None
+            if self.enabled and self.unusable_reason is None:
                 entry = self._lookup_disk_or_build(key, source, artifact_name, build, force)
+            if entry is None:
+                entry = self._build_uncached(key, source, artifact_name, build)
             self._memory[digest] = entry
             return entry
 
@@ -142,16 +152,34 @@ class KernelCache:
                                                   entry.artifact_path, entry.log, True)
 
     def _lookup_disk_or_build(self, key: CacheKey, source: str, artifact_name: str, build: BuildFn,
-                              force: bool) -> CacheEntry:
-        make_private_dir(self.root)
+                              force: bool) -> CacheEntry | None:
+        """The entry from disk (or built into it); None when the root cannot be used."""
         directory = self.entry_dir(key)
-        directory.mkdir(parents=True, exist_ok=True)
-        with _FileLock(directory.parent / f"{directory.name}.lock"):
+        lock = _FileLock(directory.parent / f"{directory.name}.lock")
+        try:
+            make_private_dir(self.root)
+            directory.mkdir(parents=True, exist_ok=True)
+            lock.__enter__()
+        except OSError as e:
+            self._disable_disk(e)
+            return None
+        try:
             entry = None if force else self._load_valid(key, directory)
             if entry is None:
                 entry = self._build_into(key, directory, source, artifact_name, build)
                 self.evict(keep=directory)
             return entry
+        finally:
+            lock.__exit__()
+
+    def _disable_disk(self, error: OSError) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            reason = "it exists and is not a directory"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        self.unusable_reason = reason
+        log.warning("bwta cache: cannot use cache dir %s (%s); building kernels uncached, as with BWTA_CACHE=0",
+                    self.root, reason)
 
     def _load_valid(self, key: CacheKey, directory: Path) -> CacheEntry | None:
         """The entry in ``directory`` if its manifest is valid and the artifact matches it."""
@@ -191,7 +219,12 @@ class KernelCache:
         return CacheEntry(key, directory, source_path, artifact, log_text, False)
 
     def _build_uncached(self, key: CacheKey, source: str, artifact_name: str, build: BuildFn) -> CacheEntry:
-        directory = Path(tempfile.mkdtemp(prefix="bwta-nocache-"))
+        """Build into ``<per-cache temp dir>/<digest>``; the temp dir goes with this cache object."""
+        if self._nocache_dir is None:
+            self._nocache_dir = Path(tempfile.mkdtemp(prefix="bwta-nocache-"))
+            weakref.finalize(self, _remove_tree, self._nocache_dir, os.getpid())
+        directory = self._nocache_dir / key.digest()
+        directory.mkdir(exist_ok=True)
         return self._build_into(key, directory, source, artifact_name, build)
 
     # ---- maintenance (used by `bwta cache`) ------------------------------------------------
@@ -242,6 +275,12 @@ class KernelCache:
         return count
 
 
+def _remove_tree(path: Path, owner_pid: int) -> None:
+    """Remove an uncached build dir, only in the process that made it (not in forked children)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _source_name(artifact_name: str) -> str:
     stem = Path(artifact_name).stem
     return f"{stem}.c" if artifact_name.endswith(".so") else f"{stem}.src"
@@ -262,6 +301,7 @@ class _FileLock:
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+        self.fd = -1
 
 
 _DEFAULT: dict[tuple[str, bool, int], KernelCache] = {}

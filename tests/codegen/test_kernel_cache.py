@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -182,3 +186,145 @@ def test_cli_cache_list_size_clear(tmp_path) -> None:
     cleared = _bwta("cache", "clear", cache_dir=root)
     assert cleared.returncode == 0 and "removed 2 entries" in cleared.stdout
     assert "0 entries" in _bwta("cache", "list", cache_dir=root).stdout
+
+
+# ---- an artifact that fails to load, an unusable cache dir, BWTA_CACHE=0 leaving no temp dirs ----
+
+def _cpu_choice():
+    from bwta_compiler.kernels import KernelChoice
+
+    return KernelChoice(variant="bt", target="cpu", template="gemm", params=PARAMS)
+
+
+def _linear_check(kernel) -> None:
+    import torch
+
+    from bwta_compiler import formats, reference
+
+    torch.manual_seed(0)
+    x, s, w = torch.randn(5, PARAMS.k), torch.tensor(0.7), formats.pack_binary_codes(torch.randn(PARAMS.n, PARAMS.k))
+    scale = torch.rand(PARAMS.n) + 0.1
+    want = reference.linear_reference(x, s, None, "ternary", w, PARAMS.k, scale, None, None, 64)
+    assert torch.equal(kernel(x, s, None, w, scale, None, None), want)
+
+
+def _corrupt_with_valid_manifest(directory: Path) -> Path:
+    """Garbage in place of the .so, with a manifest that matches it (passes the cache's own check)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    artifact = directory / manifest["artifact"]
+    artifact.write_bytes(b"not an ELF file " * 300)
+    data = artifact.read_bytes()
+    manifest.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return artifact
+
+
+@needs_cc
+def test_artifact_that_fails_to_load_is_rebuilt(tmp_path) -> None:
+    from bwta_compiler import runtime_bridge
+
+    # Populate cache A, then copy it to B: B's .so was never dlopen'ed in this process (the loader
+    # would hand back the already loaded object by path without reading the corrupted file).
+    cfg_a = config.resolve({"cache_dir": str(tmp_path / "a"), "cpu_isa": "portable"})
+    first, why = runtime_bridge.load(_cpu_choice(), cfg_a)
+    assert first is not None, why
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cfg_b = cfg_a.replace(cache_dir=str(tmp_path / "b"))
+    entry_dir = tmp_path / "b" / first.artifact_path.relative_to(tmp_path / "a").parent
+    artifact = _corrupt_with_valid_manifest(entry_dir)
+    kernel, why = runtime_bridge.load(_cpu_choice(), cfg_b)
+    assert kernel is not None, why
+    assert kernel.artifact_path == artifact and not kernel.cache_hit  # rebuilt in place
+    assert artifact.read_bytes()[:4] == b"\x7fELF"
+    manifest = json.loads((entry_dir / MANIFEST).read_text())
+    assert manifest["sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
+    _linear_check(kernel)
+
+
+@needs_cc
+def test_kernel_that_never_loads_falls_back_with_a_reason(tmp_path, monkeypatch) -> None:
+    from bwta_compiler import runtime_bridge
+
+    builds = []
+
+    def bad_make_so(source: Path, artifact: Path, options) -> str:
+        builds.append(source)
+        artifact.write_bytes(b"garbage, not a shared object")
+        return "log"
+
+    monkeypatch.setattr(compile_cpu, "make_so", bad_make_so)
+    cfg = config.resolve({"cache_dir": str(tmp_path / "c"), "cpu_isa": "portable"})
+    kernel, why = runtime_bridge.load(_cpu_choice(), cfg)
+    assert kernel is None and "could not be loaded" in why and "OSError" in why
+    assert len(builds) == 2  # built, then rebuilt once
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_unusable_cache_dir_builds_uncached_with_one_warning(tmp_path, caplog, where: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    root = afile if where == "file" else afile / "sub" / "cache"
+    cache = KernelCache(root)
+    build = _fake_build()
+    with caplog.at_level("WARNING", logger="bwta_compiler.runtime.cache"):
+        e1 = cache.lookup_or_build(_key(), "src", "k.so", build)
+        e2 = cache.lookup_or_build(_key(source_sha256="t" * 64), "src2", "k.so", build)
+    assert not e1.hit and not e2.hit and e1.artifact_path.read_bytes() == e2.artifact_path.read_bytes()
+    assert not str(e1.directory).startswith(str(afile))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(root) in warnings[0].getMessage()
+    assert "uncached" in warnings[0].getMessage()
+    assert afile.read_text() == "x"
+
+
+@needs_cc
+def test_cache_dir_that_is_a_file_still_runs_kernels(tmp_path, caplog) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = config.resolve({"cache_dir": str(afile), "cpu_isa": "portable"})
+    with caplog.at_level("WARNING", logger="bwta_compiler.runtime.cache"):
+        kernel = cpu.load_kernel(PARAMS, cfg)
+    _linear_check(kernel)
+    assert any(str(afile) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def _nocache_dirs(where: Path) -> list[Path]:
+    return sorted(where.glob("bwta-nocache-*"))
+
+
+def test_disabled_cache_leaves_no_temp_dirs(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cache = KernelCache(tmp_path / "unused", enabled=False)
+    e1 = cache.lookup_or_build(_key(), "s", "k.so", _fake_build())
+    e2 = cache.lookup_or_build(_key(source_sha256="t" * 64), "s2", "k.so", _fake_build())
+    assert e1.artifact_path.exists() and e2.artifact_path.exists()
+    assert len(_nocache_dirs(tmp_path)) <= 1  # one per cache object, not one per kernel
+    del cache, e1, e2
+    gc.collect()
+    assert _nocache_dirs(tmp_path) == []
+
+
+_NOCACHE = textwrap.dedent("""
+    import dataclasses, sys
+    from bwta_compiler import config
+    from bwta_compiler.kernels import GemmParams
+    from bwta_compiler.runtime import cpu
+    p = GemmParams(variant="bt", a_act="ternary", b_act="binary", k=64, kw=2, n=4, isa="portable", op="linear")
+    cfg = config.resolve({"cache": False})
+    for params in (p, dataclasses.replace(p, tile_n=3)):
+        assert cpu.load_kernel(params, cfg).artifact_path.exists()
+    print("OK")
+""")
+
+
+@needs_cc
+def test_disabled_cache_process_leaves_no_temp_dirs(tmp_path) -> None:
+    script = tmp_path / "nocache.py"
+    script.write_text(_NOCACHE)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), BWTA_CACHE="0")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+    assert _nocache_dirs(tmp) == []
