@@ -332,7 +332,10 @@ class BWTAMultiheadAttention(nn.Module):
         k = self.k_proj(key).view(b, s, h, d).transpose(1, 2)
         v = self.v_proj(value).view(b, s, h, d).transpose(1, 2)
         mask = _merge_mha_masks(attn_mask, key_padding_mask, b, h, t, s, query.dtype)
-        ctx, weights = self.core.attend(q, k, v, mask, is_causal and mask is None, need_weights=need_weights)
+        if need_weights and isinstance(self.core, BWTAAttention):
+            ctx, weights = self.core.attend(q, k, v, mask, is_causal and mask is None, need_weights=True)
+        else:   # a float core swapped in (routing checks) returns no weights, as before
+            ctx, weights = self.core(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None), None
         out = self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)

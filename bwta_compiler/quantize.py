@@ -253,8 +253,9 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         if config.choice(name) != "bwta":
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
         elif unsupported:
-            entries.append(ReportEntry(name, "attention", "float", f"passes {', '.join(unsupported)} to attention, "
-                                       "which BWTA attention does not implement"))
+            why = f"passes {', '.join(unsupported)} to attention, which BWTA attention does not implement"
+            entries.append(ReportEntry(name, "attention", "float", why))
+            warnings.warn(f"bwta: {name} ({type(mod).__name__}) {why}; this attention runs in float", stacklevel=3)
         else:
             mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
             entries.append(ReportEntry(name, "attention", "bwta"))

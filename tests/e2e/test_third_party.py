@@ -173,8 +173,10 @@ def test_t5_encoder_decoder_bitwise():
 
 def test_gemma2_softcap_runs_float_attention_with_warning():
     model = _hf("gemma2", "eager")
-    q = bc.quantize(model).eval()
-    with pytest.warns(UserWarning, match="softcap"), torch.no_grad():
+    with pytest.warns(UserWarning, match="softcap"):       # known from the config at quantize time
+        q = bc.quantize(model).eval()
+    assert [e.choice for e in q.bwta_report if e.kind == "attention"] == ["float"]
+    with torch.no_grad():
         q(_ids(2, 7))
     _, rep = _compiled_equals_eager(q, [((_ids(2, 7),), {"attention_mask": _left_padded(2, 7)})], quantize=False)
     assert rep.lowbit == 7 and rep.total == 10, str(rep)     # QK, PV and lm_head float
