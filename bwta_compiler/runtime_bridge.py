@@ -3,8 +3,8 @@
 The backend calls :func:`load` after the pass pipeline; a target whose runtime is missing
 (no C compiler, no CUDA device, ...) yields ``None`` and a reason, and the fused op then runs
 its reference implementation.  A kernel that fails to load (OSError, e.g. a corrupt cached
-shared object) is rebuilt once; if it still cannot be loaded, only that op falls back.  Runtime modules are imported lazily, so importing
-``bwta_compiler`` never imports cuda-python.
+shared object) is rebuilt once; if it still cannot be loaded, only that op falls back.  Runtime
+modules are imported lazily, so importing ``bwta_compiler`` never imports cuda-python.
 """
 
 from __future__ import annotations
