@@ -499,6 +499,17 @@ def _topo_order(graph: onnx.GraphProto, known: set, where: str) -> list[tuple[in
 # ---- the driver ---------------------------------------------------------------------------------
 
 
+def tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
+    """A TensorProto as a torch tensor (bf16 included: numpy has no bfloat16, so its bits are
+    read as uint16 and viewed as torch's bfloat16)."""
+    arr = numpy_helper.to_array(t)
+    if t.data_type == onnx.TensorProto.BFLOAT16:
+        return torch.from_numpy(arr.view("uint16").copy()).view(torch.bfloat16)
+    if arr.dtype.kind not in "biuf":
+        raise OnnxImportError(f"has non-numeric type {arr.dtype} (not supported)")
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: Any = None, *,
                  fused_linear: bool = False, quantizers: str = "off") -> fx.GraphModule:
     """Import an ONNX model as a ``torch.fx.GraphModule``.
@@ -552,12 +563,12 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
     inits = {t.name for t in g.initializer}
     for t in g.initializer:
         try:
-            arr = numpy_helper.to_array(t)
+            value = tensor_from_proto(t)
+        except OnnxImportError as e:
+            raise OnnxImportError(f"{where}: initializer {t.name!r} {e}") from None
         except Exception as e:  # noqa: BLE001 - reported as OnnxImportError
             raise OnnxImportError(f"{where}: initializer {t.name!r} cannot be read: {type(e).__name__}: {e}") from None
-        if arr.dtype.kind not in "biuf":
-            raise OnnxImportError(f"{where}: initializer {t.name!r} has non-numeric type {arr.dtype} (not supported)")
-        env[t.name] = Const(torch.from_numpy(arr if arr.flags.writeable else arr.copy()))
+        env[t.name] = Const(value)
     for vi in g.input:
         if vi.name in inits:
             continue
@@ -609,7 +620,7 @@ def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: di
         if isinstance(v, bytes):
             attrs[k] = v.decode()
         elif isinstance(v, onnx.TensorProto):
-            attrs[k] = torch.from_numpy(numpy_helper.to_array(v).copy())
+            attrs[k] = tensor_from_proto(v)
     ctx.node, ctx.fold = n, conv.fold
     try:
         out = conv.fn(ctx, inputs, attrs, n)

@@ -144,8 +144,7 @@ def test_unpacked_export_types_binary_code_outputs(tmp_path):
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
 
 
-def test_bf16_export_is_typed(tmp_path):
-    # The importer does not read bf16 initializers, so this checks the exported file only.
+def test_bf16_export_is_typed_and_imports_back(tmp_path):
     q, x = quantized("odd-sizes", torch.bfloat16)
     path = tmp_path / "bf16.onnx"
     proto = export(q, (x,), path)
@@ -155,6 +154,11 @@ def test_bf16_export_is_typed(tmp_path):
     onnx.checker.check_model(proto, full_check=True)
     assert [o.type.tensor_type.elem_type for o in proto.graph.output] == [TensorProto.BFLOAT16]
     assert_bwta_values_typed(proto, torch.bfloat16)
+    # bf16 initializers import as torch bf16 (numpy has none): the model runs as the torch one.
+    gm = import_model(path)
+    x2 = torch.randn(5, 33, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(gm(x2), q(x2))
 
 
 # ---- the schemas' inference on hand-built models (no torch export) -------------------------------
