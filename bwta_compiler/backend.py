@@ -227,9 +227,10 @@ def _bind_kernels(gm: GraphModule, ctx, rep: GraphReport, dump: DebugDump) -> No
         if choice is None:
             continue
         name = ""
-        if not choice.template and choice.reason:
-            rep.notes.append(f"{node.name}: {choice.reason}")
-        if choice.template:
+        if not choice.template:
+            if choice.reason:
+                rep.notes.append(f"{node.name}: {choice.reason}")
+        else:
             kernel, why = runtime_bridge.load(choice, ctx.cfg)
             if kernel is None:
                 rep.notes.append(f"{node.name}: {why}; reference op used")

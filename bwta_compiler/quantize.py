@@ -244,7 +244,7 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         return own
     # Attention arguments BWTA attention does not implement, known from the config: such layers run
     # the model's own float attention (the run-time check in _bwta_hf_attention says so too).
-    float_kwargs = [kw for kw, attr in (("softcap", "attn_logit_softcapping"),) if getattr(model.config, attr, None)]
+    float_kwargs = ["softcap"] if getattr(model.config, "attn_logit_softcapping", None) else []
     if not config.attention or not _register_hf_attention():
         return own + [ReportEntry(n, "attention", "float", "attention quantization off or transformers too old")
                       for n, _ in attn_modules]

@@ -28,13 +28,13 @@ def gemm_params(spec: FusedSpec, pad_bits: int) -> GemmParams:
 
 
 def _choose(spec: FusedSpec, ctx: PassContext) -> KernelChoice:
+    params = gemm_params(spec, ctx.cfg.pad_bits)
     unsupported = sorted({spec.in_dtype, spec.out_dtype, spec.b_dtype or spec.in_dtype} - KERNEL_DTYPES)
     if unsupported:
         # e.g. a model moved to float64: the fused op still computes the low-bit result (reference).
-        return KernelChoice(spec.variant, "reference", params=gemm_params(spec, ctx.cfg.pad_bits),
+        return KernelChoice(spec.variant, "reference", params=params,
                             reason=f"no kernel for {', '.join(unsupported)} operands "
                                    f"(kernels take {', '.join(sorted(KERNEL_DTYPES))}); reference op used")
-    params = gemm_params(spec, ctx.cfg.pad_bits)
     if not ctx.cfg.codegen:
         return KernelChoice(spec.variant, "reference", params=params, reason="codegen disabled (reference op)")
     mixed = bool(spec.b_dtype) and spec.b_dtype != spec.in_dtype
