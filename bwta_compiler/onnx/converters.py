@@ -87,7 +87,9 @@ def onnx_squeeze(x: Tensor, axes: list | None) -> Tensor:
     return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x
 
 
-def onnx_slice(x: Tensor, starts: list, ends: list, axes: list, steps: list) -> Tensor:
+def onnx_slice(x: Tensor, starts: list, ends: list, axes: list | None, steps: list | None) -> Tensor:
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
     idx: list[Any] = [slice(None)] * x.dim()
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = a % x.dim()
@@ -175,8 +177,20 @@ def onnx_reduce(kind: str, x: Tensor, axes: list | None, keepdims: bool) -> Tens
         for d in sorted(dims, reverse=True):
             x = x.prod(d, keepdim=keepdims)
         return x
+    if kind in _NORM_REDUCE:
+        return _NORM_REDUCE[kind](x, dims or None, keepdims)
     fn = torch.amax if kind == "max" else torch.amin
     return fn(x, dims, keepdim=keepdims) if dims else x
+
+
+# ReduceL1/L2/SumSquare/LogSum/LogSumExp; ``dims`` None means a 0-d input (reduce nothing but the map).
+_NORM_REDUCE: dict[str, Callable] = {
+    "l1": lambda x, d, k: x.abs().sum(d, keepdim=k) if d else x.abs(),
+    "l2": lambda x, d, k: (x * x).sum(d, keepdim=k).sqrt() if d else x.abs(),
+    "sumsquare": lambda x, d, k: (x * x).sum(d, keepdim=k) if d else x * x,
+    "logsum": lambda x, d, k: x.sum(d, keepdim=k).log() if d else x.log(),
+    "logsumexp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k) if d else x,
+}
 
 
 def onnx_gemm(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, beta: float, trans_a: int, trans_b: int) -> Tensor:
@@ -188,6 +202,33 @@ def onnx_gemm(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, beta: float,
     if c is not None:
         y = y + (c * beta if beta != 1.0 else c)
     return y
+
+
+def onnx_softmax_2d(log: bool, x: Tensor, axis: int) -> Tensor:
+    """Softmax/LogSoftmax of opset < 13: over all dims from ``axis`` on (the 2-D coercion)."""
+    fn = torch.log_softmax if log else torch.softmax
+    if x.dim() == 0:
+        return fn(x.reshape(1), -1).reshape(())
+    axis = axis % x.dim()
+    return fn(x.flatten(axis), -1).reshape(x.shape)
+
+
+def onnx_cumsum(x: Tensor, axis: Any, exclusive: int, reverse: int) -> Tensor:
+    axis = int(axis) % x.dim()
+    if reverse:
+        x = x.flip(axis)
+    # dtype=x.dtype: torch promotes an int32 cumsum to int64, ONNX keeps the input's type.
+    y = torch.cumsum(x, axis, dtype=x.dtype)
+    if exclusive and y.shape[axis] > 0:
+        # Shift by one instead of y - x: exact for floats too, like the reference.
+        y = torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y.narrow(axis, 0, y.shape[axis] - 1)], axis)
+    return y.flip(axis) if reverse else y
+
+
+def onnx_pow(a: Tensor, b: Tensor) -> Tensor:
+    """ONNX Pow keeps the base's type (torch promotes ``int ** float`` and ``f16 ** f32[N]``)."""
+    y = torch.pow(a, b)
+    return y if y.dtype == a.dtype else y.to(a.dtype)
 
 
 def onnx_trunc_div(a: Tensor, b: Tensor) -> Tensor:
@@ -249,7 +290,7 @@ def _int_op(name: str, x: int, y: int) -> Any:
 
 for _name, _fn, _sym in (("Add", torch.add, operator.add), ("Sub", torch.sub, operator.sub),
                          ("Mul", torch.mul, operator.mul), ("Div", torch.div, operator.floordiv),
-                         ("Pow", torch.pow, None), ("Less", torch.lt, None), ("Greater", torch.gt, None),
+                         ("Pow", onnx_pow, None), ("Less", torch.lt, None), ("Greater", torch.gt, None),
                          ("LessOrEqual", torch.le, None), ("GreaterOrEqual", torch.ge, None),
                          ("And", torch.logical_and, None), ("Or", torch.logical_or, None),
                          ("Xor", torch.logical_xor, None)):
@@ -416,12 +457,28 @@ def convert_gemm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     c = inputs[2] if len(inputs) > 2 else None
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     ta, tb = attrs.get("transA", 0), attrs.get("transB", 0)
-    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.is_floating_point() and not ta \
-            and alpha == 1.0 and (c is None or (isinstance(c, Const) and beta == 1.0 and c.t.dim() == 1
-                                               and c.t.shape[0] == (b.t.shape[0] if tb else b.t.shape[1]))):
+    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.dim() == 2 and b.t.is_floating_point():
         w_kn = b.t.t() if tb else b.t
-        return _linear(ctx, a, w_kn, c.t if c is not None else None, _scope_name(ctx, node, node.input[1]))
+        bias = _gemm_bias(c, beta, w_kn.shape[1])
+        if bias is not False:
+            # A linear layer (so quantize=True sees it): alpha folds into the weight, beta into the
+            # bias; a binarized alpha*W is alpha times the binarized W (the sign and mean|W| scale).
+            x = ctx.call(torch.transpose, a, 0, 1) if ta else a
+            w_kn = w_kn * alpha if alpha != 1.0 else w_kn
+            return _linear(ctx, x, w_kn, bias, _scope_name(ctx, node, node.input[1]))
     return ctx.call(onnx_gemm, a, b, c, alpha, beta, ta, tb)
+
+
+def _gemm_bias(c: Any, beta: float, n: int) -> Tensor | None | bool:
+    """Gemm's ``beta * C`` as a linear bias of ``n`` entries: None without C, False when C is not a
+    constant broadcast along the rows (shape [], [1], [N] or [1, N])."""
+    if c is None:
+        return None
+    if not isinstance(c, Const) or tuple(c.t.shape) not in ((), (1,), (n,), (1, n)) \
+            or not c.t.is_floating_point():
+        return False
+    bias = c.t * beta if beta != 1.0 else c.t
+    return bias.reshape(-1).expand(n).clone()
 
 
 @register("Einsum")
@@ -432,14 +489,18 @@ def convert_einsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
 # ---- normalization / softmax / reductions -------------------------------------------------------
 
 
-@register("Softmax", rank=_same_rank)
-def convert_softmax(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
-    return ctx.call(torch.softmax, inputs[0], attrs.get("axis", -1))
+def _softmax(fn: Callable):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        if ctx.opset >= 13:
+            return ctx.call(fn, inputs[0], attrs.get("axis", -1))
+        # Softmax-1/11 (and LogSoftmax): default axis 1, and the input is coerced to 2-D
+        # [prod(d[:axis]), prod(d[axis:])], so the normalization runs over every dim from axis on.
+        return ctx.call(onnx_softmax_2d, fn is torch.log_softmax, inputs[0], attrs.get("axis", 1))
+    return conv
 
 
-@register("LogSoftmax", rank=_same_rank)
-def convert_log_softmax(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
-    return ctx.call(torch.log_softmax, inputs[0], attrs.get("axis", -1))
+register("Softmax", rank=_same_rank)(_softmax(torch.softmax))
+register("LogSoftmax", rank=_same_rank)(_softmax(torch.log_softmax))
 
 
 @register("LayerNormalization", rank=_same_rank)
@@ -483,7 +544,9 @@ def _reduce_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
 
 
 for _name, _kind in (("ReduceMean", "mean"), ("ReduceSum", "sum"), ("ReduceMax", "max"), ("ReduceMin", "min"),
-                     ("ReduceProd", "prod")):
+                     ("ReduceProd", "prod"), ("ReduceL1", "l1"), ("ReduceL2", "l2"),
+                     ("ReduceSumSquare", "sumsquare"), ("ReduceLogSum", "logsum"),
+                     ("ReduceLogSumExp", "logsumexp")):
     register(_name, rank=_reduce_rank)(_reduce(_kind))
 
 
@@ -561,7 +624,13 @@ def convert_transpose(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     return ctx.call(torch.permute, x, list(perm))
 
 
-@register("Unsqueeze", rank=lambda ctx, i, a: None if ctx.rank(i[0]) is None else ctx.rank(i[0]) + len(ctx.sym(i[1]) or []))
+def _unsqueeze_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
+    axes = ctx.sym(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else attrs.get("axes")
+    r = ctx.rank(inputs[0])
+    return None if r is None or axes is None else r + len(axes)
+
+
+@register("Unsqueeze", rank=_unsqueeze_rank)
 def convert_unsqueeze(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     x = inputs[0]
     axes = _axes(ctx, inputs, attrs)
@@ -601,8 +670,7 @@ def convert_slice(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         (list(range(len(starts))) if isinstance(starts, list) else None)
     steps = ctx.ints(inputs[4], "Slice steps") if len(inputs) > 4 and inputs[4] is not None else None
     if any(isinstance(v, torch.fx.Node) for v in (starts, ends, axes, steps)):
-        if steps is None or axes is None:
-            raise OnnxImportError("Slice with run-time starts/ends needs constant axes and steps")
+        # Omitted axes/steps take their defaults at run time, when the number of starts is known.
         return ctx.call(onnx_slice, x, starts, ends, axes, steps)
     steps = steps if steps is not None else [1] * len(starts)
     if any(not isinstance(s, int) for s in steps):
@@ -749,6 +817,15 @@ def convert_trilu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         k = ctx.ints(inputs[1], "Trilu k")[0]
     fn = torch.triu if attrs.get("upper", 1) else torch.tril
     return ctx.call(fn, inputs[0], k)
+
+
+@register("CumSum", rank=_same_rank)
+def convert_cumsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, axis = inputs
+    items = ctx.sym(axis)
+    if items is None or len(items) != 1 or not isinstance(items[0], int):
+        raise OnnxImportError("CumSum axis must be a constant (one int)")
+    return ctx.call(onnx_cumsum, x, items[0], attrs.get("exclusive", 0), attrs.get("reverse", 0))
 
 
 @register("OneHot")

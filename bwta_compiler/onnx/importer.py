@@ -37,7 +37,9 @@ from torch import fx, nn
 from ..errors import OnnxImportError
 from . import schemas
 
-OPSET_MIN, OPSET_MAX = 17, 21
+# 11..16 are what the TorchScript exporter and most models on model hubs carry; the converters read
+# the older attribute forms (Split/Squeeze/Unsqueeze/Reduce* axes) and Softmax-11's 2-D coercion.
+OPSET_MIN, OPSET_MAX = 11, 21
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # A folded int tensor this small is kept as Python data (a shape, axes, a slice bound).
 SMALL_INT = 64

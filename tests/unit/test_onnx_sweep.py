@@ -1,0 +1,182 @@
+"""ONNX files written the way other tools and people write them: older opsets (11..16), ops the
+TorchScript exporter emits (CumSum, Conv, Pad), Gemm forms, and run-time shape inputs.  Each case
+is checked against onnx.reference.ReferenceEvaluator (or a numpy reference where the evaluator
+does not implement the old semantics) on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from bwta_compiler.onnx import import_model
+
+F32 = TensorProto.FLOAT
+NP_TO_ONNX = {np.dtype("float32"): F32, np.dtype("float16"): TensorProto.FLOAT16, np.dtype("int64"): TensorProto.INT64,
+              np.dtype("int32"): TensorProto.INT32, np.dtype("bool"): TensorProto.BOOL}
+N = helper.make_node
+rng = np.random.default_rng(7)
+
+
+def f32(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def graph_model(nodes, feeds: dict, outputs: list, inits=(), opset: int = 18, shapes: dict | None = None):
+    """A model of ``nodes`` with graph inputs ``feeds`` (name -> example array; ``shapes`` overrides
+    a declared shape, None = unknown) and untyped outputs, as hand-written files often have."""
+    shapes = shapes or {}
+    ins = [helper.make_tensor_value_info(k, NP_TO_ONNX[v.dtype], shapes.get(k, list(v.shape))) for k, v in feeds.items()]
+    outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs]
+    g = helper.make_graph(nodes, "sweep", ins, outs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def run(model, feeds: dict) -> list:
+    gm = import_model(model)
+    with torch.no_grad():
+        out = gm(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()])
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def check(model, feeds: dict, ref: list | None = None, atol: float = 1e-5) -> None:
+    ref = ReferenceEvaluator(model).run(None, feeds) if ref is None else ref
+    got = run(model, feeds)
+    assert len(got) == len(ref)
+    for o, r in zip(got, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype, (o.shape, o.dtype, r.shape, r.dtype)
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=atol)
+
+
+# ---- opsets 11..16 ------------------------------------------------------------------------------
+
+
+def np_softmax_2d(x: np.ndarray, axis: int, log: bool) -> np.ndarray:
+    """Softmax-1/11 semantics (ReferenceEvaluator applies opset 13's): coerce to 2-D at ``axis``."""
+    y = x.reshape(int(np.prod(x.shape[: axis % x.ndim])), -1).astype(np.float64)
+    y = y - y.max(1, keepdims=True)
+    p = np.exp(y) / np.exp(y).sum(1, keepdims=True)
+    return (np.log(p) if log else p).reshape(x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+def test_softmax_opset11_coerces_to_2d(op, axis):
+    x = f32(2, 3, 4)
+    attrs = {} if axis is None else {"axis": axis}
+    m = graph_model([N(op, ["x"], ["y"], **attrs)], {"x": x}, ["y"], opset=11)
+    check(m, {"x": x}, [np_softmax_2d(x, 1 if axis is None else axis, op == "LogSoftmax")])
+
+
+def test_softmax_opset13_is_one_axis():
+    x = f32(2, 3, 4)
+    check(graph_model([N("Softmax", ["x"], ["y"], axis=1)], {"x": x}, ["y"], opset=13), {"x": x})
+
+
+def test_opset11_attribute_forms():
+    """Split's ``split``, Squeeze/Unsqueeze's and ReduceSum's ``axes`` are attributes before opset 13."""
+    x = f32(1, 3, 7)
+    nodes = [N("Squeeze", ["x"], ["s"], axes=[0]),
+             N("Split", ["s"], ["a", "b"], axis=1, split=[3, 4]),
+             N("ReduceSum", ["b"], ["r"], axes=[-1], keepdims=1),
+             N("Unsqueeze", ["r"], ["y"], axes=[0, -1]),
+             N("Clip", ["a", "lo"], ["c"])]
+    check(graph_model(nodes, {"x": x}, ["y", "c"], [const("lo", np.float32(-0.2))], opset=11), {"x": x})
+
+
+def test_unsqueeze_attribute_axes_without_shape_info():
+    # No shape information: the output rank comes from the converter's rank rule, which read a
+    # second input that opset 11 does not have.
+    x = f32(2, 3)
+    g = helper.make_graph([N("Unsqueeze", ["x"], ["u"], axes=[0]), N("Transpose", ["u"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", F32, None)], [helper.make_tensor_value_info("y", F32, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
+    del m.graph.value_info[:]
+    check(m, {"x": x})
+
+
+# ---- ops -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exclusive", [0, 1])
+@pytest.mark.parametrize("reverse", [0, 1])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_cumsum(exclusive, reverse, axis):
+    x = f32(3, 5)
+    m = graph_model([N("CumSum", ["x", "ax"], ["y"], exclusive=exclusive, reverse=reverse)], {"x": x}, ["y"],
+                    [const("ax", np.array(axis))])
+    check(m, {"x": x})
+
+
+def test_cumsum_int32_keeps_its_type():
+    # RoBERTa/OPT position ids: CumSum of an int32 mask (torch's cumsum would return int64).
+    x = (rng.random((2, 6)) > 0.3).astype(np.int32)
+    m = graph_model([N("CumSum", ["x", "ax"], ["y"])], {"x": x}, ["y"], [const("ax", np.array(1, np.int32))])
+    check(m, {"x": x})
+
+
+def test_pow_keeps_the_base_type():
+    x = np.array([[1, 2, 3]], np.int64)
+    check(graph_model([N("Pow", ["x", "e"], ["y"])], {"x": x}, ["y"], [const("e", np.float32(2.0))]), {"x": x})
+    h = (np.abs(f32(2, 3)) + 0.5).astype(np.float16)
+    m = graph_model([N("Pow", ["h", "e"], ["y"])], {"h": h}, ["y"], [const("e", np.array([2.0, 0.5, 1.0], np.float32))])
+    check(m, {"h": h}, atol=1e-2)
+
+
+@pytest.mark.parametrize("op", ["ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_norm_reductions(op, opset):
+    x = np.abs(f32(2, 3, 4)) + 0.1
+    if opset < 18:
+        m = graph_model([N(op, ["x"], ["y"], axes=[1], keepdims=0)], {"x": x}, ["y"], opset=opset)
+    else:
+        m = graph_model([N(op, ["x", "ax"], ["y"], keepdims=1)], {"x": x}, ["y"], [const("ax", np.array([-1]))])
+    check(m, {"x": x})
+
+
+def test_slice_runtime_starts_without_axes_or_steps():
+    x = f32(5, 6)
+    feeds = {"x": x, "st": np.array([1, -4]), "en": np.array([4, np.iinfo(np.int64).max])}
+    check(graph_model([N("Slice", ["x", "st", "en"], ["y"])], feeds, ["y"]), feeds)
+
+
+# ---- Gemm ----------------------------------------------------------------------------------------
+
+
+GEMM_CASES = [((), 1, 1.0, 1.0), ((1,), 0, 0.5, 2.0), ((1, 5), 1, 1.0, -1.0), ((5,), 1, -0.25, 1.0), (None, 0, 2.0, 1.0)]
+
+
+@pytest.mark.parametrize("c_shape,trans_b,alpha,beta", GEMM_CASES)
+def test_gemm_constant_weight_is_a_linear_layer(c_shape, trans_b, alpha, beta):
+    """Every Gemm with a constant weight and a row-broadcast C imports as nn.Linear (alpha in the
+    weight, beta in the bias), so quantize=True sees it; the float result equals the reference."""
+    x = f32(3, 4)
+    w = f32(5, 4) if trans_b else f32(4, 5)
+    inits = [const("w", w)] + ([const("c", f32(*c_shape))] if c_shape is not None else [])
+    ins = ["x", "w"] + (["c"] if c_shape is not None else [])
+    m = graph_model([N("Gemm", ins, ["y"], transB=trans_b, alpha=alpha, beta=beta)], {"x": x}, ["y"], inits)
+    check(m, {"x": x})
+    gm = import_model(m)
+    assert sum(isinstance(mod, torch.nn.Linear) for mod in gm.modules()) == 1
+
+
+def test_gemm_full_c_stays_a_matmul():
+    x = f32(3, 4)
+    m = graph_model([N("Gemm", ["x", "w", "c"], ["y"], transA=0, alpha=0.5, beta=2.0)], {"x": x}, ["y"],
+                    [const("w", f32(4, 5)), const("c", f32(3, 5))])
+    check(m, {"x": x})
+
+
+def test_gemm_trans_a_with_constant_weight():
+    x = f32(4, 3)
+    m = graph_model([N("Gemm", ["x", "w", "c"], ["y"], transA=1, transB=1)], {"x": x}, ["y"],
+                    [const("w", f32(5, 4)), const("c", f32(5))])
+    check(m, {"x": x})
