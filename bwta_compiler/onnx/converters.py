@@ -231,6 +231,57 @@ def onnx_pow(a: Tensor, b: Tensor) -> Tensor:
     return y if y.dtype == a.dtype else y.to(a.dtype)
 
 
+def _same_pads(x: Tensor, w: Tensor, strides: list, dilations: list, upper: bool) -> list:
+    """auto_pad SAME_UPPER/SAME_LOWER: output size ceil(in / stride), the odd pad at the end (upper)
+    or the beginning (lower); ONNX order [begin..., end...]."""
+    begins, ends = [], []
+    for i, (st, d) in enumerate(zip(strides, dilations)):
+        size, k = x.shape[2 + i], w.shape[2 + i]
+        total = max(0, (-(-size // st) - 1) * st + (k - 1) * d + 1 - size)
+        small = total // 2
+        begins.append(small if upper else total - small)
+        ends.append(total - small if upper else small)
+    return begins + ends
+
+
+def onnx_conv(x: Tensor, w: Tensor, b: Tensor | None, strides: list, pads: list | None, dilations: list,
+              group: int, auto_pad: str) -> Tensor:
+    nd = w.dim() - 2
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _same_pads(x, w, strides, dilations, auto_pad == "SAME_UPPER")
+    elif auto_pad == "VALID" or pads is None:
+        pads = [0] * (2 * nd)
+    begin, end = list(pads[:nd]), list(pads[nd:])
+    if begin != end:
+        # torch pads both sides alike: pad the input explicitly (F.pad lists the last dim first).
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])])
+        begin = [0] * nd
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(x, w, b, tuple(strides), tuple(begin), tuple(dilations), group)
+
+
+def onnx_pad(x: Tensor, pads: list, value: Any, mode: str, axes: list | None) -> Tensor:
+    r = x.dim()
+    axes = list(range(r)) if axes is None else [a % r for a in axes]
+    n = len(axes)
+    begin, end = [0] * r, [0] * r
+    for a, pb, pe in zip(axes, pads[:n], pads[n:]):
+        begin[a], end[a] = pb, pe
+    mode = {"edge": "replicate", "wrap": "circular"}.get(mode, mode)
+    if mode == "constant":
+        # F.pad takes (begin, end) pairs from the last dim backwards.
+        return F.pad(x, [p for i in reversed(range(r)) for p in (begin[i], end[i])], "constant", value)
+    # reflect/replicate/circular pad only the last 1..3 dims of a batched input in torch: pad one
+    # axis at a time as the last dim of a [1, rest, size] view (what numpy.pad does axis by axis).
+    for a in range(r):
+        if begin[a] or end[a]:
+            y = x.movedim(a, -1)
+            shape = y.shape
+            y = F.pad(y.reshape(1, -1, shape[-1]), [begin[a], end[a]], mode)
+            x = y.reshape(*shape[:-1], y.shape[-1]).movedim(-1, a)
+    return x
+
+
 def onnx_trunc_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
@@ -479,6 +530,39 @@ def _gemm_bias(c: Any, beta: float, n: int) -> Tensor | None | bool:
         return False
     bias = c.t * beta if beta != 1.0 else c.t
     return bias.reshape(-1).expand(n).clone()
+
+
+@register("Conv", rank=_same_rank)
+def convert_conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    nd = ctx.rank(w)
+    if nd is None and "kernel_shape" in attrs:
+        nd = len(attrs["kernel_shape"]) + 2
+    if nd is None or not 3 <= nd <= 5:
+        raise OnnxImportError(f"Conv needs a weight of rank 3..5 (1-D to 3-D convolution), got rank {nd}")
+    k = nd - 2
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise OnnxImportError(f"Conv auto_pad={auto_pad!r} is not supported")
+    return ctx.call(onnx_conv, x, w, b, list(attrs.get("strides", [1] * k)), attrs.get("pads"),
+                    list(attrs.get("dilations", [1] * k)), attrs.get("group", 1), auto_pad)
+
+
+@register("Pad", rank=_same_rank)
+def convert_pad(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x = inputs[0]
+    mode = attrs.get("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise OnnxImportError(f"Pad mode={mode!r} is not supported")
+    pads = _as_list(ctx.ints(inputs[1], "Pad pads")) if len(inputs) > 1 and inputs[1] is not None \
+        else list(attrs.get("pads", []))
+    value: Any = attrs.get("value", 0.0)
+    if len(inputs) > 2 and inputs[2] is not None:
+        v = inputs[2]
+        value = v.t.reshape(()).item() if isinstance(v, Const) else ctx.graph.call_method("item", (v,))
+    axes = ctx.ints(inputs[3], "Pad axes") if len(inputs) > 3 and inputs[3] is not None else None
+    return ctx.call(onnx_pad, x, pads, value, mode, axes)
 
 
 @register("Einsum")

@@ -180,3 +180,47 @@ def test_gemm_trans_a_with_constant_weight():
     m = graph_model([N("Gemm", ["x", "w", "c"], ["y"], transA=1, transB=1)], {"x": x}, ["y"],
                     [const("w", f32(5, 4)), const("c", f32(5))])
     check(m, {"x": x})
+
+
+# ---- Conv / Pad (ViT patch embeddings, CNN front ends) ---------------------------------------
+
+
+CONV_CASES = [
+    (2, {"strides": [8, 8]}),                                   # ViT patch embedding
+    (2, {"pads": [0, 1, 1, 2], "strides": [2, 1]}),             # asymmetric pads
+    (2, {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    (2, {"auto_pad": "SAME_LOWER", "dilations": [2, 1]}),
+    (1, {"group": 2, "pads": [1, 1]}),
+    (3, {"auto_pad": "VALID"}),
+]
+
+
+@pytest.mark.parametrize("nd,attrs", CONV_CASES, ids=[f"{c[0]}d-{'-'.join(c[1])}" for c in CONV_CASES])
+def test_conv(nd, attrs):
+    x = f32(2, 4, *[16, 9, 6][:nd])
+    k = [8, 8] if attrs.get("strides") == [8, 8] else [3] * nd
+    w = f32(6, 4 // attrs.get("group", 1), *k)
+    m = graph_model([N("Conv", ["x", "w", "b"], ["y"], **attrs)], {"x": x}, ["y"], [const("w", w), const("b", f32(6))])
+    check(m, {"x": x}, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_modes_any_axis(mode):
+    # ONNX pads any axis; torch's reflect/replicate/circular only the last 1..3 of a batched input.
+    x = f32(2, 3, 5, 4)
+    pads = [0, 0, 1, 2, 0, 0, 2, 1] if mode != "constant" else [1, 0, 0, 2, 0, 1, 1, 0]
+    m = graph_model([N("Pad", ["x", "p", "v"], ["y"], mode=mode)], {"x": x}, ["y"],
+                    [const("p", np.array(pads)), const("v", np.float32(1.5))], opset=19)
+    check(m, {"x": x})
+    # one middle axis only: the case torch's F.pad rejects for non-constant modes
+    m = graph_model([N("Pad", ["x", "p"], ["y"], mode=mode)], {"x": x}, ["y"],
+                    [const("p", np.array([0, 0, 0, 1, 0, 0, 0, 0]))], opset=19)
+    check(m, {"x": x})
+
+
+def test_pad_opset11_and_axes_input():
+    x = f32(2, 3, 4)
+    check(graph_model([N("Pad", ["x", "p"], ["y"])], {"x": x}, ["y"], [const("p", np.array([0, 1, 0, 0, 2, 1]))],
+                      opset=11), {"x": x})
+    check(graph_model([N("Pad", ["x", "p", "", "ax"], ["y"])], {"x": x}, ["y"],
+                      [const("p", np.array([1, 2, 0, 1])), const("ax", np.array([-1, 0]))], opset=18), {"x": x})
