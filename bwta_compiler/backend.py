@@ -30,6 +30,7 @@ from . import kernel_registry
 from .config import Config
 from .debug import DebugDump, next_graph_id
 from .errors import BWTAError, UnsupportedError
+from .launch_ops import LAUNCH
 from .report import GraphReport, add_graph
 from .weight_binding import WeightBinder, lift_constants
 
@@ -141,6 +142,7 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
             t1 = time.perf_counter()
             _bind_kernels(gm, ctx, rep, dump)
             rep.seconds.update(passes=t1 - t0, kernels=time.perf_counter() - t1)
+            dump.graph(len(PIPELINE) + 1, "bound_kernels", gm)   # what the fallback compiler gets
     except BWTAError as e:
         if cfg.strict:
             raise
@@ -238,6 +240,8 @@ def _bind_kernels(gm: GraphModule, ctx, rep: GraphReport, dump: DebugDump) -> No
                 name = kernel.name
                 kernel_registry.register(name, kernel)
                 node.kwargs = dict(node.kwargs, kernel_id=name)
+                # The launch twin calls the kernel without custom_op's per-call Python layers.
+                node.target = LAUNCH.get(node.target, node.target)
                 dump.kernel(name, kernel.source, runtime_bridge.source_suffix(choice.target), kernel.key_lines,
                             kernel.log, choice.params.to_json())
         rep.kernels.append((node.name, choice.describe(), name))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import networkx as nx
 from torch.fx import GraphModule
 
+from . import launch_ops  # noqa: F401  (defines the launch twins named below)
 from .passes.patterns import bwta, is_call
 
-_FUSED = (bwta.linear.default, bwta.qbmm.default)
+_FUSED = (bwta.linear.default, bwta.qbmm.default, bwta.linear_launch.default, bwta.qbmm_launch.default)
 
 
 def to_networkx(gm: GraphModule) -> nx.DiGraph:

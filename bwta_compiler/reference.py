@@ -207,7 +207,7 @@ def linear(x: Tensor, s: Tensor, b: Tensor | None, act: str, w_packed: Tensor, k
 
 
 @linear.register_fake
-def _(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
+def linear_fake(x, s, b, act, w_packed, k, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
     # Pins a symbolic feature dim (e.g. an ONNX export with dynamic_shapes="auto") to the weight's K.
     torch._check(x.shape[-1] == k, lambda: f"bwta::linear: input K does not match the packed weight's K={k}")
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype or torch.float32)
@@ -258,7 +258,7 @@ def qbmm(a: Tensor, a_act: str, a_s: Tensor, a_b: Tensor | None, b: Tensor, b_ac
 
 
 @qbmm.register_fake
-def _(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
+def qbmm_fake(a, a_act, a_s, a_b, b, b_act, b_s, b_b, b_kn, scale=None, bias=None, out_dtype=None, pad_bits=64, kernel_id=""):
     n = b.shape[-1] if b_kn else b.shape[-2]
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return a.new_empty((*batch, a.shape[-2], n), dtype=out_dtype or torch.float32)

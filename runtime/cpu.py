@@ -199,6 +199,7 @@ class LoadedKernel:
     num_threads: int = 0
     _lib: Any = field(default=None, repr=False)
     _thresholds: dict = field(default_factory=dict, repr=False)
+    _recent: dict = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,6 +229,12 @@ class LoadedKernel:
         """The code threshold as an exact fp32 value, from the one definition in ops (memoised)."""
         if act == "binary":
             return 0.0
+        # By identity first: a graph passes the same scale tensors on every call, and reading
+        # their values (float(s)) costs more than the M = 1 kernel's own bookkeeping.
+        fast = (act, dtype, id(s), s._version, id(b), b._version if b is not None else 0)
+        hit = self._recent.get(fast)
+        if hit is not None and hit[0] is s and hit[1] is b:
+            return hit[2]
         sv, bv = float(s), (float(b) if b is not None else 0.0)
         key = (act, sv, bv, dtype)
         if key not in self._thresholds:
@@ -237,6 +244,9 @@ class LoadedKernel:
             else:
                 t = ops.bool_thresholds(s_t, torch.tensor(bv, dtype=torch.float32), 1, dtype)
             self._thresholds[key] = float(t[0])
+        if len(self._recent) >= 64:  # it holds the tensors (their ids stay theirs): keep it small
+            self._recent.clear()
+        self._recent[fast] = (s, b, self._thresholds[key])
         return self._thresholds[key]
 
     def _buffer(self, slot: str, numel: int, dtype: torch.dtype) -> Tensor:
@@ -292,7 +302,7 @@ class LoadedKernel:
         scale, bias = self._epilogue_args(scale, bias, p.n, out_dtype)
         x2 = x if x.dim() == 2 and x.is_contiguous() else x.detach().reshape(-1, p.k).contiguous()
         m = x2.shape[0]
-        out = empty_output((*x.shape[:-1], p.n), _DTYPES[p.out_dtype])
+        out = empty_output((m, p.n) if x.dim() == 2 else (*x.shape[:-1], p.n), _DTYPES[p.out_dtype])
         if m == 0:
             return out
         t = self._threshold(p.a_act, s, b, x.dtype)
