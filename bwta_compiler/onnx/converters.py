@@ -496,8 +496,9 @@ def _linear(ctx: Ctx, x: Any, w_kn: Tensor, bias: Tensor | None, name: str) -> A
 @register("MatMul", rank=_max_rank)
 def convert_matmul(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     a, b = inputs
-    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.dim() == 2 and b.t.is_floating_point() \
-            and ctx.rank(a) is not None and ctx.rank(a) >= 1:
+    # Any rank of A: matmul(A, W) with a 2-D W is linear(A, W^T) for 1-D and N-D A alike, so a
+    # model without shape information still gets its linear layers (quantize=True counts them).
+    if isinstance(a, torch.fx.Node) and isinstance(b, Const) and b.t.dim() == 2 and b.t.is_floating_point():
         return _linear(ctx, a, b.t, None, _scope_name(ctx, node, node.input[1]))
     return ctx.call(torch.matmul, a, b)
 

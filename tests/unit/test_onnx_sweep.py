@@ -224,3 +224,25 @@ def test_pad_opset11_and_axes_input():
                       opset=11), {"x": x})
     check(graph_model([N("Pad", ["x", "p", "", "ax"], ["y"])], {"x": x}, ["y"],
                       [const("p", np.array([1, 2, 0, 1])), const("ax", np.array([-1, 0]))], opset=18), {"x": x})
+
+
+# ---- quantize on import --------------------------------------------------------------------------
+
+
+def test_matmul_without_shape_info_is_quantized_and_counted():
+    """A model whose input has no shape (hand-written or stripped files): its constant-weight MatMuls
+    are still linear layers, so quantize=True quantizes them and the report counts them (it said
+    "0 of 0" and left them float)."""
+    import bwta_compiler as bc
+
+    g = helper.make_graph([N("MatMul", ["x", "w"], ["h"]), N("Relu", ["h"], ["h2"]), N("MatMul", ["h2", "w2"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", F32, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.UNDEFINED, None)],
+                          [const("w", f32(16, 32)), const("w2", f32(32, 8))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+    x = f32(2, 3, 16)
+    check(m, {"x": x})
+    check(m, {"x": f32(16)})          # 1-D A: matmul and linear agree
+    gm = import_model(m, quantize=True)
+    assert sum(isinstance(mod, bc.BWTALinear) for mod in gm.modules()) == 2
+    assert bc.report_lines(gm)[0].startswith("2 of 2")
