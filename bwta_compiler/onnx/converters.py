@@ -913,6 +913,26 @@ def convert_cumsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     return ctx.call(onnx_cumsum, x, items[0], attrs.get("exclusive", 0), attrs.get("reverse", 0))
 
 
+@register("If")
+def convert_if(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    """An If whose condition is known at import time (a constant, or shape arithmetic on static
+    sizes) is inlined: the taken branch is converted in place.  A run-time condition would need
+    both branches traced (torch.cond) and is reported as unsupported."""
+    from .importer import convert_subgraph
+
+    cond = inputs[0]
+    items = ctx.sym(cond) if not isinstance(cond, Const) or cond.t.numel() == 1 else None
+    if isinstance(cond, Const) and cond.t.numel() == 1:
+        items = [bool(cond.t.reshape(()).item())]
+    if items is None or len(items) != 1 or not isinstance(items[0], (bool, int)):
+        raise OnnxImportError("If with a condition computed at run time is not supported (only a condition "
+                              "known at import time, which selects one branch); export the model with "
+                              "the branch fixed")
+    branch = attrs["then_branch"] if items[0] else attrs["else_branch"]
+    outs = convert_subgraph(ctx, branch)
+    return outs[0] if len(outs) == 1 else outs
+
+
 @register("OneHot")
 def convert_one_hot(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     idx, depth, values = inputs

@@ -123,6 +123,7 @@ class Ctx:
         self.fold = True
         self.linear_count = 0
         self.fused_linear = False
+        self.env: dict[str, Value] = {}
 
     # -- value helpers --------------------------------------------------------------------------
 
@@ -381,7 +382,7 @@ def _node_label(n: onnx.NodeProto, i: int) -> str:
 def _check_nodes(model: onnx.ModelProto, where: str, domains: dict, converters: dict) -> None:
     unknown_domain: dict[str, list] = defaultdict(list)
     unsupported: dict[str, list] = defaultdict(list)
-    for i, n in enumerate(model.graph.node):
+    for i, n in _all_nodes(model.graph):
         dom = "" if n.domain in DEFAULT_DOMAINS else n.domain
         label = _node_label(n, i)
         if dom and dom != schemas.DOMAIN:
@@ -402,6 +403,17 @@ def _check_nodes(model: onnx.ModelProto, where: str, domains: dict, converters: 
                      + "; ".join(f"{k} ({len(v)}: {_short(v)})" for k, v in sorted(unsupported.items())))
     if parts:
         raise OnnxImportError(f"{where}: cannot import: " + "; ".join(parts))
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[tuple[int, onnx.NodeProto]]:
+    """(index in its graph, node) for every node, those of If branches (subgraphs) included."""
+    out = []
+    for i, n in enumerate(graph.node):
+        out.append((i, n))
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out.extend(_all_nodes(sub))
+    return out
 
 
 def _short(items: list, n: int = 6) -> str:
@@ -426,10 +438,16 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, TypeInfo]:
     except Exception:  # noqa: BLE001 - reported as OnnxImportError
         inferred = model
     types: dict[str, TypeInfo] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        ti = _type_info(vi)
-        if ti is not None:
-            types[vi.name] = ti
+    graphs = [inferred.graph]
+    while graphs:
+        g = graphs.pop()
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            ti = _type_info(vi)
+            if ti is not None:
+                types.setdefault(vi.name, ti)
+        for n in g.node:        # If branches: their values get types too
+            for a in n.attribute:
+                graphs.extend([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))
     return types
 
 
@@ -561,7 +579,7 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
     g = proto.graph
     ctx = Ctx(where, opset, types)
     ctx.fused_linear = fused_linear
-    env: dict[str, Value] = {}
+    env: dict[str, Value] = ctx.env
     inits = {t.name for t in g.initializer}
     for t in g.initializer:
         try:
@@ -608,6 +626,26 @@ def import_model(model: str | os.PathLike | onnx.ModelProto | bytes, quantize: A
             setattr(qgm, k, getattr(gm, k))
         return qgm
     return gm
+
+
+def convert_subgraph(ctx: Ctx, graph: onnx.GraphProto) -> list[Value]:
+    """Convert the nodes of a subgraph (an If branch) inline, in the scope of the graph being
+    imported, and return its output values."""
+    from .converters import CONVERTERS
+
+    env = dict(ctx.env)      # outer-scope values are visible; the branch's own names stay local
+    for t in graph.initializer:
+        env[t.name] = Const(tensor_from_proto(t))
+    outer, ctx.env = ctx.env, env
+    try:
+        for i, n in _topo_order(graph, set(env), ctx.path):
+            _convert_node(ctx, env, n, i, CONVERTERS, ctx.path)
+    finally:
+        ctx.env = outer
+    missing = [o.name for o in graph.output if o.name not in env]
+    if missing:
+        raise OnnxImportError(f"subgraph {graph.name!r}: output(s) {missing} not produced by any node")
+    return [env[o.name] for o in graph.output]
 
 
 def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: dict, where: str) -> None:
@@ -657,5 +695,5 @@ def _convert_node(ctx: Ctx, env: dict, n: onnx.NodeProto, i: int, converters: di
         env[name] = v
 
 
-__all__ = ["OPSET_MAX", "OPSET_MIN", "Const", "Ctx", "Sym", "import_model", "operator"]
+__all__ = ["OPSET_MAX", "OPSET_MIN", "Const", "Ctx", "Sym", "convert_subgraph", "import_model", "operator"]
 _ = (Sequence,)

@@ -246,3 +246,41 @@ def test_matmul_without_shape_info_is_quantized_and_counted():
     gm = import_model(m, quantize=True)
     assert sum(isinstance(mod, bc.BWTALinear) for mod in gm.modules()) == 2
     assert bc.report_lines(gm)[0].startswith("2 of 2")
+
+
+# ---- If ------------------------------------------------------------------------------------------
+
+
+def _if_model(cond_nodes: list, cond_inits: list, feeds: dict, then_op: str = "Add") -> onnx.ModelProto:
+    then_g = helper.make_graph([N(then_op, ["x", "one"], ["t"]), N("MatMul", ["t", "w"], ["o"])], "then", [],
+                               [helper.make_tensor_value_info("o", F32, None)], [const("one", np.float32(1))])
+    else_g = helper.make_graph([N("Sub", ["x", "two"], ["o2"])], "else", [],
+                               [helper.make_tensor_value_info("o2", F32, None)], [const("two", np.float32(2))])
+    nodes = cond_nodes + [N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    return graph_model(nodes, feeds, ["y"], cond_inits + [const("w", f32(3, 3))])
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_if_with_constant_condition_is_inlined(flag):
+    x = f32(2, 3)
+    check(_if_model([], [const("c", np.array(flag))], {"x": x}), {"x": x})
+
+
+def test_if_on_static_shape_arithmetic():
+    # Exporters write `if x.size(0) == 2` as Shape -> Gather -> Equal -> If.
+    x = f32(2, 3)
+    cond = [N("Shape", ["x"], ["s"]), N("Gather", ["s", "i0"], ["b"], axis=0), N("Equal", ["b", "k"], ["c"])]
+    m = _if_model(cond, [const("i0", np.array(0)), const("k", np.array(2))], {"x": x})
+    check(m, {"x": x})
+    gm = import_model(m)
+    assert sum(isinstance(mod, torch.nn.Linear) for mod in gm.modules()) == 1      # the branch's MatMul
+
+
+def test_if_errors_name_the_node():
+    x = f32(2, 3)
+    m = _if_model([], [], {"x": x, "c": np.array(True)})
+    with pytest.raises(Exception, match=r"node #0 .*\(If\): If with a condition computed at run time"):
+        import_model(m)
+    m = _if_model([], [const("c", np.array(True))], {"x": x}, then_op="BitShift")
+    with pytest.raises(Exception, match=r"unsupported op type.*BitShift"):
+        import_model(m)
