@@ -24,6 +24,7 @@ from . import kernel_registry, reference
 from .ops import LIB, check_scalar_scale
 
 _lib = torch.library.Library(LIB, "FRAGMENT")
+_MAX_SEEN = 4096
 
 
 def _define_twin(op: torch._ops.OpOverload, name: str) -> None:
@@ -54,7 +55,9 @@ class _CheckedScales:
             check_scalar_scale(name, t, op, positive=positive)
             with self._lock:
                 # Holding the tensor keeps its id from being reused by another one; scales are
-                # one-element buffers, and a graph has a few dozen of them.
+                # one-element buffers, a graph has a few dozen, and the table is bounded.
+                if len(self._seen) >= _MAX_SEEN:
+                    self._seen.clear()
                 self._seen[id(t)] = (t, t._version)
 
 
