@@ -378,8 +378,77 @@ for _name, _fn in (("Sqrt", torch.sqrt), ("Reciprocal", torch.reciprocal), ("Neg
                    ("Tanh", torch.tanh), ("Sigmoid", torch.sigmoid), ("Relu", torch.relu), ("Exp", torch.exp),
                    ("Log", torch.log), ("Abs", torch.abs), ("Cos", torch.cos), ("Sin", torch.sin),
                    ("Floor", torch.floor), ("Ceil", torch.ceil), ("Round", torch.round), ("Sign", torch.sign),
-                   ("Not", torch.logical_not), ("IsNaN", torch.isnan), ("Softplus", F.softplus)):
+                   ("Not", torch.logical_not), ("IsNaN", torch.isnan), ("Softplus", F.softplus),
+                   ("Tan", torch.tan), ("Atan", torch.atan), ("Asin", torch.asin), ("Acos", torch.acos),
+                   ("Sinh", torch.sinh), ("Cosh", torch.cosh), ("Softsign", F.softsign), ("Mish", F.mish),
+                   ("HardSwish", F.hardswish)):
     register(_name, rank=_same_rank)(_unary(_fn))
+
+
+def onnx_elu(x: Tensor, kind: str, alpha: float, gamma: float) -> Tensor:
+    """Elu/Selu/Celu/ThresholdedRelu with ONNX's attribute defaults (torch's Selu has fixed constants)."""
+    if kind == "elu":
+        return torch.where(x > 0, x, alpha * torch.expm1(x))
+    if kind == "selu":
+        return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
+    if kind == "celu":
+        return torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(x / alpha), max=0)
+    return torch.where(x > alpha, x, torch.zeros_like(x))
+
+
+def _elu(kind: str, alpha: float, gamma: float = 1.0):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        return ctx.call(onnx_elu, inputs[0], kind, attrs.get("alpha", alpha), attrs.get("gamma", gamma))
+    return conv
+
+
+register("Elu", rank=_same_rank)(_elu("elu", 1.0))
+register("Celu", rank=_same_rank)(_elu("celu", 1.0))
+register("Selu", rank=_same_rank)(_elu("selu", 1.67326319217681884765625, 1.05070102214813232421875))
+register("ThresholdedRelu", rank=_same_rank)(_elu("thresholded", 1.0))
+
+
+@register("PRelu", rank=_max_rank)
+def convert_prelu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, slope = inputs       # slope broadcasts unidirectionally (F.prelu wants it per channel only)
+    return ctx.call(torch.where, ctx.call(torch.lt, x, 0), ctx.call(torch.mul, x, slope), x)
+
+
+@register("IsInf", rank=_same_rank)
+def convert_is_inf(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
+    fn = torch.isinf if pos and neg else torch.isposinf if pos else torch.isneginf
+    if not pos and not neg:
+        return ctx.call(torch.zeros_like, inputs[0], dtype=torch.bool)
+    return ctx.call(fn, inputs[0])
+
+
+@register("Mod", rank=_max_rank)
+def convert_mod(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    # fmod=0 (integers): the result takes the divisor's sign (Python's %); fmod=1: C's fmod.
+    return ctx.call(torch.fmod if attrs.get("fmod", 0) else torch.remainder, inputs[0], inputs[1])
+
+
+def onnx_arg(x: Tensor, axis: int, keepdims: bool, largest: bool, last: bool) -> Tensor:
+    fn = torch.argmax if largest else torch.argmin
+    if not last:
+        return fn(x, axis, keepdim=keepdims)      # torch returns the first extreme index, like ONNX
+    axis = axis % x.dim()
+    return x.shape[axis] - 1 - fn(x.flip(axis), axis, keepdim=keepdims)
+
+
+def _arg(largest: bool):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        out = ctx.call(onnx_arg, inputs[0], attrs.get("axis", 0), bool(attrs.get("keepdims", 1)), largest,
+                       bool(attrs.get("select_last_index", 0)))
+        if isinstance(out, torch.fx.Node):
+            out.meta["dtype"] = torch.int64
+        return out
+    return conv
+
+
+register("ArgMax")(_arg(True))
+register("ArgMin")(_arg(False))
 
 
 @register("Identity", rank=_same_rank)
@@ -459,6 +528,11 @@ def _variadic(fn: Callable, sym_name: str | None = None):
 register("Max", rank=_max_rank)(_variadic(torch.maximum, "Max"))
 register("Min", rank=_max_rank)(_variadic(torch.minimum, "Min"))
 register("Sum", rank=_max_rank)(_variadic(torch.add))
+
+
+@register("Mean", rank=_max_rank)
+def convert_mean(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(torch.div, _variadic(torch.add)(ctx, inputs, attrs, node), float(len(inputs)))
 
 
 # ---- MatMul-like --------------------------------------------------------------------------------
@@ -601,6 +675,36 @@ def convert_layer_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         return [y, ctx.graph.call_function(operator.getitem, (stats, 0)),
                 ctx.graph.call_function(operator.getitem, (stats, 1))]
     return y
+
+
+@register("BatchNormalization", rank=_same_rank)
+def convert_batch_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise OnnxImportError("BatchNormalization in training mode (running statistics as outputs) is not "
+                              "supported; export the model in eval mode")
+    x, scale, bias, mean, var = inputs[:5]
+    return ctx.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
+
+
+@register("InstanceNormalization", rank=_same_rank)
+def convert_instance_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, scale, bias = inputs
+    return ctx.call(F.instance_norm, x, None, None, scale, bias, True, 0.0, attrs.get("epsilon", 1e-5))
+
+
+def onnx_group_norm(x: Tensor, scale: Tensor, bias: Tensor, groups: int, eps: float, per_group: bool) -> Tensor:
+    """GroupNormalization; opset 18's scale/bias have one entry per group (opset 21: per channel)."""
+    if per_group:
+        c = x.shape[1]
+        scale, bias = scale.repeat_interleave(c // groups), bias.repeat_interleave(c // groups)
+    return F.group_norm(x, groups, scale, bias, eps)
+
+
+@register("GroupNormalization", rank=_same_rank)
+def convert_group_norm(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, scale, bias = inputs
+    return ctx.call(onnx_group_norm, x, scale, bias, attrs["num_groups"], attrs.get("epsilon", 1e-5),
+                    ctx.opset < 21)
 
 
 def _axes(ctx: Ctx, inputs: list, attrs: dict, pos: int = 1) -> list | None:
@@ -902,6 +1006,123 @@ def convert_trilu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         k = ctx.ints(inputs[1], "Trilu k")[0]
     fn = torch.triu if attrs.get("upper", 1) else torch.tril
     return ctx.call(fn, inputs[0], k)
+
+
+def onnx_scatter_nd(data: Tensor, idx: Tensor, updates: Tensor, reduction: str) -> Tensor:
+    k = idx.shape[-1]
+    idx = idx.reshape(-1, k)
+    updates = updates.reshape(idx.shape[0], *data.shape[k:])
+    # Negative indices count from the end (index_put does the same).
+    keys = tuple(idx[:, j] for j in range(k))
+    if reduction in ("none", "add"):
+        return data.index_put(keys, updates, accumulate=reduction == "add")
+    # mul/max/min: scatter_reduce over the rows of a [prod(data.shape[:k]), rest] view.
+    flat_idx = torch.zeros(idx.shape[0], dtype=torch.int64, device=idx.device)
+    for j in range(k):
+        flat_idx = flat_idx * data.shape[j] + torch.where(idx[:, j] < 0, idx[:, j] + data.shape[j], idx[:, j])
+    view = data.reshape(-1, *data.shape[k:]).clone()
+    rows = flat_idx.reshape(-1, *([1] * (view.dim() - 1))).expand_as(updates)
+    red = {"mul": "prod", "max": "amax", "min": "amin"}[reduction]
+    return view.scatter_reduce(0, rows, updates, red, include_self=True).reshape(data.shape)
+
+
+def onnx_scatter_elements(data: Tensor, idx: Tensor, updates: Tensor, axis: int, reduction: str) -> Tensor:
+    axis = axis % data.dim()
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    if reduction == "none":
+        return torch.scatter(data, axis, idx, updates)
+    red = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}[reduction]
+    return torch.scatter_reduce(data, axis, idx, updates, red, include_self=True)
+
+
+@register("ScatterND", rank=_same_rank)
+def convert_scatter_nd(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    red = attrs.get("reduction", "none")
+    if red not in ("none", "add", "mul", "max", "min"):
+        raise OnnxImportError(f"ScatterND reduction={red!r} is not supported")
+    return ctx.call(onnx_scatter_nd, *inputs[:3], red)
+
+
+@register("ScatterElements", rank=_same_rank)
+def convert_scatter_elements(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    red = attrs.get("reduction", "none")
+    if red not in ("none", "add", "mul", "max", "min"):
+        raise OnnxImportError(f"ScatterElements reduction={red!r} is not supported")
+    return ctx.call(onnx_scatter_elements, *inputs[:3], attrs.get("axis", 0), red)
+
+
+@register("TopK", rank=_same_rank)
+def convert_topk(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    x, k = inputs
+    items = ctx.sym(k)
+    kk = items[0] if items is not None else ctx.graph.call_method("item", (ctx.tensor(k),))
+    out = ctx.call(torch.topk, x, kk, attrs.get("axis", -1), bool(attrs.get("largest", 1)),
+                   bool(attrs.get("sorted", 1)))
+    if isinstance(out, list):
+        return [out[0], out[1]]
+    values = ctx.graph.call_function(operator.getitem, (out, 0))
+    indices = ctx.graph.call_function(operator.getitem, (out, 1))
+    values.meta.update(dtype=ctx.dtype(x), rank=ctx.rank(x))
+    indices.meta.update(dtype=torch.int64, rank=ctx.rank(x))
+    return [values, indices]
+
+
+def _per_axis(p: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A 1-D per-axis quantization parameter shaped to broadcast along ``axis`` of ``x``."""
+    if p.dim() == 0 or p.numel() == 1 and x.dim() == 0:
+        return p
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return p.reshape(shape)
+
+
+def onnx_dequantize(x: Tensor, scale: Tensor, zero: Tensor | None, axis: int) -> Tensor:
+    xf = x.to(scale.dtype)
+    if zero is not None:
+        xf = xf - _per_axis(zero, x, axis).to(scale.dtype)
+    return xf * _per_axis(scale, x, axis)
+
+
+def onnx_quantize(x: Tensor, scale: Tensor, zero: Tensor | None, axis: int, dtype: torch.dtype) -> Tensor:
+    info = torch.iinfo(dtype)
+    # torch.round rounds half to even, like ONNX; the add and clamp run in float, then saturate.
+    q = torch.round(x / _per_axis(scale, x, axis).to(x.dtype))
+    if zero is not None:
+        q = q + _per_axis(zero, x, axis).to(q.dtype)
+    return q.clamp(info.min, info.max).to(dtype)
+
+
+def _qdq_check(ctx: Ctx, inputs: list, attrs: dict) -> None:
+    if attrs.get("block_size", 0):
+        raise OnnxImportError("blocked quantization (block_size) is not supported")
+    for v in inputs[1:3]:
+        if v is not None and ctx.rank(v) not in (0, 1, None):
+            raise OnnxImportError("only per-tensor and per-axis quantization (scale of rank 0 or 1) is supported")
+
+
+@register("DequantizeLinear", rank=_same_rank)
+def convert_dequantize(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    _qdq_check(ctx, inputs, attrs)
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 else None
+    out = ctx.call(onnx_dequantize, x, scale, zero, attrs.get("axis", 1))
+    if isinstance(out, torch.fx.Node):
+        out.meta["dtype"] = ctx.dtype(scale)
+    return out
+
+
+@register("QuantizeLinear", rank=_same_rank)
+def convert_quantize(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    _qdq_check(ctx, inputs, attrs)
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 else None
+    dtype = ctx.dtype(zero) if zero is not None else ONNX_TO_TORCH.get(attrs.get("output_dtype", 0), torch.uint8)
+    if dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        raise OnnxImportError(f"QuantizeLinear to {dtype} is not supported (8/16/32-bit integers only)")
+    out = ctx.call(onnx_quantize, x, scale, zero, attrs.get("axis", 1), dtype)
+    if isinstance(out, torch.fx.Node):
+        out.meta["dtype"] = dtype
+    return out
 
 
 @register("CumSum", rank=_same_rank)

@@ -284,3 +284,84 @@ def test_if_errors_name_the_node():
     m = _if_model([], [const("c", np.array(True))], {"x": x}, then_op="BitShift")
     with pytest.raises(Exception, match=r"unsupported op type.*BitShift"):
         import_model(m)
+
+
+# ---- commonly exported ops that had no converter ---------------------------------------------
+
+
+UNARY_CASES = [("Tan", {}), ("Atan", {}), ("Sinh", {}), ("Cosh", {}), ("Softsign", {}), ("Mish", {}), ("HardSwish", {}),
+               ("Elu", {"alpha": 0.5}), ("Selu", {}), ("Celu", {"alpha": 2.0}), ("ThresholdedRelu", {"alpha": 0.3}),
+               ("ArgMax", {"axis": -1, "keepdims": 0}), ("ArgMin", {"axis": 1, "select_last_index": 1})]
+
+
+@pytest.mark.parametrize("op,attrs", UNARY_CASES, ids=[c[0] for c in UNARY_CASES])
+def test_unary_ops(op, attrs):
+    x = f32(2, 3, 4)
+    check(graph_model([N(op, ["x"], ["y"], **attrs)], {"x": x}, ["y"]), {"x": x})
+
+
+def test_argmax_ties_and_elementwise_ops():
+    ties = np.array([[1, 2, 2, 0], [3, 3, 1, 3]], np.float32)
+    for last in (0, 1):
+        check(graph_model([N("ArgMax", ["x"], ["y"], axis=1, select_last_index=last)], {"x": ties}, ["y"]), {"x": ties})
+    x = f32(2, 3, 4)
+    check(graph_model([N("PRelu", ["x", "s"], ["y"])], {"x": x}, ["y"], [const("s", f32(3, 1))]), {"x": x})
+    inf = np.array([np.inf, -np.inf, 1.0, np.nan], np.float32)
+    check(graph_model([N("IsInf", ["x"], ["y"], detect_positive=0)], {"x": inf}, ["y"]), {"x": inf})
+    a, b = np.array([5, -5, 7, -7], np.int64), np.array([3, 3, -2, -2], np.int64)
+    check(graph_model([N("Mod", ["a", "b"], ["y"])], {"a": a, "b": b}, ["y"]), {"a": a, "b": b})
+    feeds = {"a": x, "b": f32(4), "c": f32(3, 1)}
+    check(graph_model([N("Mean", ["a", "b", "c"], ["y"])], feeds, ["y"]), feeds)
+
+
+def test_normalizations():
+    x = f32(2, 6, 5, 4)
+    stats = [const("s", f32(6)), const("b", f32(6)), const("m", f32(6)), const("v", np.abs(f32(6)) + 0.1)]
+    check(graph_model([N("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3)], {"x": x}, ["y"],
+                      stats, opset=15), {"x": x})
+    check(graph_model([N("InstanceNormalization", ["x", "s", "b"], ["y"])], {"x": x}, ["y"], stats[:2]), {"x": x},
+          atol=1e-4)
+    for opset, n in ((18, 3), (21, 6)):   # opset 18: scale/bias per group; 21: per channel
+        m = graph_model([N("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3)], {"x": x}, ["y"],
+                        [const("s", f32(n)), const("b", f32(n))], opset=opset)
+        check(m, {"x": x}, atol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
+def test_scatter(reduction):
+    idx = np.array([[0, 1], [2, -1], [0, 1]]) if reduction != "none" else np.array([[0, 1], [2, -1], [3, 0]])
+    feeds = {"d": f32(4, 5, 3), "i": idx, "u": f32(3, 3)}
+    check(graph_model([N("ScatterND", ["d", "i", "u"], ["y"], reduction=reduction)], feeds, ["y"]), feeds)
+    feeds = {"d": f32(3, 3), "i": np.array([[1, 0, 2], [0, -1, 1]]), "u": f32(2, 3)}
+    check(graph_model([N("ScatterElements", ["d", "i", "u"], ["y"], axis=0, reduction=reduction)], feeds, ["y"]), feeds)
+
+
+def test_topk():
+    x = f32(2, 3, 4)
+    check(graph_model([N("TopK", ["x", "k"], ["v", "i"], axis=1, largest=0)], {"x": x}, ["v", "i"],
+                      [const("k", np.array([2]))]), {"x": x})
+    feeds = {"x": x, "k": np.array([3])}
+    check(graph_model([N("TopK", ["x", "k"], ["v", "i"])], feeds, ["v", "i"]), feeds)
+
+
+@pytest.mark.parametrize("zero_type", [np.uint8, np.int8, None])
+def test_quantize_dequantize_linear(zero_type):
+    """QDQ files (onnxruntime's quantization tools): per-tensor and per-axis, with and without zero point."""
+    x = f32(2, 3, 4) * 3
+    ins = ["x", "s", "z"] if zero_type else ["x", "s"]
+    for axis_scale, axis in ((np.float32(0.05), {}), (np.array([0.01, 0.02, 0.05], np.float32), {"axis": 1})):
+        zero = np.full(np.shape(axis_scale), 3 if zero_type == np.uint8 else -2, zero_type) if zero_type else None
+        inits = [const("s", axis_scale)] + ([const("z", zero)] if zero_type else [])
+        nodes = [N("QuantizeLinear", ins, ["q"], **axis), N("DequantizeLinear", ["q"] + ins[1:], ["y"], **axis)]
+        check(graph_model(nodes, {"x": x}, ["y", "q"], inits, opset=19), {"x": x})
+
+
+def test_dequantized_int8_weight_is_a_linear_layer():
+    import bwta_compiler as bc
+
+    x = f32(2, 3, 4)
+    nodes = [N("DequantizeLinear", ["wq", "ws"], ["w"], axis=1), N("MatMul", ["x", "w"], ["y"])]
+    m = graph_model(nodes, {"x": x}, ["y"], [const("wq", rng.integers(-127, 127, (4, 5)).astype(np.int8)),
+                                             const("ws", np.abs(f32(5)) / 100)], opset=19)
+    check(m, {"x": x})
+    assert sum(isinstance(mod, bc.BWTALinear) for mod in import_model(m, quantize=True).modules()) == 1
