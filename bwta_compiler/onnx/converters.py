@@ -650,11 +650,13 @@ def convert_einsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
 
 def _softmax(fn: Callable):
     def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
-        if ctx.opset >= 13:
-            return ctx.call(fn, inputs[0], attrs.get("axis", -1))
+        axis, r = attrs.get("axis", -1 if ctx.opset >= 13 else 1), ctx.rank(inputs[0])
+        if ctx.opset >= 13 or (r is not None and r > 0 and axis % r == r - 1):
+            # Over the last dim the old and new semantics agree: emit the plain op either way.
+            return ctx.call(fn, inputs[0], axis)
         # Softmax-1/11 (and LogSoftmax): default axis 1, and the input is coerced to 2-D
         # [prod(d[:axis]), prod(d[axis:])], so the normalization runs over every dim from axis on.
-        return ctx.call(onnx_softmax_2d, fn is torch.log_softmax, inputs[0], attrs.get("axis", 1))
+        return ctx.call(onnx_softmax_2d, fn is torch.log_softmax, inputs[0], axis)
     return conv
 
 

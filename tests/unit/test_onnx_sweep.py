@@ -76,6 +76,15 @@ def test_softmax_opset11_coerces_to_2d(op, axis):
     check(m, {"x": x}, [np_softmax_2d(x, 1 if axis is None else axis, op == "LogSoftmax")])
 
 
+def test_softmax_opset11_last_axis_is_the_plain_op():
+    # The attention softmax of a legacy export: same semantics either way, so the graph keeps the
+    # torch.softmax the backend's passes know.
+    x = f32(2, 3, 4)
+    m = graph_model([N("Softmax", ["x"], ["y"], axis=2)], {"x": x}, ["y"], opset=11)
+    check(m, {"x": x})
+    assert [n.target for n in import_model(m).graph.nodes if n.op == "call_function"] == [torch.softmax]
+
+
 def test_softmax_opset13_is_one_axis():
     x = f32(2, 3, 4)
     check(graph_model([N("Softmax", ["x"], ["y"], axis=1)], {"x": x}, ["y"], opset=13), {"x": x})
