@@ -642,7 +642,30 @@ def convert_pad(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
 
 @register("Einsum")
 def convert_einsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
-    return ctx.call(torch.einsum, attrs["equation"], *inputs)
+    eq = attrs["equation"]
+    if len(inputs) == 2 and isinstance(inputs[0], torch.fx.Node) and isinstance(inputs[1], Const) \
+            and inputs[1].t.dim() == 2 and inputs[1].t.is_floating_point():
+        w_kn = _einsum_weight(eq, inputs[1].t)
+        if w_kn is not None:    # a projection (TF/JAX exports write them as Einsum): a linear layer
+            return _linear(ctx, inputs[0], w_kn, None, _scope_name(ctx, node, node.input[1]))
+    return ctx.call(torch.einsum, eq, *inputs)
+
+
+def _einsum_weight(equation: str, w: Tensor) -> Tensor | None:
+    """The [K, N] weight when ``equation`` contracts the last dim of operand 0 with a 2-D constant
+    and puts the other weight dim last ("bsd,dh->bsh", "...d,hd->...h"), else None."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if len(b) != 2 or b[0] == b[1] or not a or a[-1] not in b:
+        return None
+    k = a[-1]
+    n = b[1] if b[0] == k else b[0]
+    if n in a or out != a[:-1] + n or a.count(k) != 1:
+        return None
+    return w if b[0] == k else w.t()
 
 
 # ---- normalization / softmax / reductions -------------------------------------------------------

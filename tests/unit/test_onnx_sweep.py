@@ -374,3 +374,18 @@ def test_dequantized_int8_weight_is_a_linear_layer():
                                              const("ws", np.abs(f32(5)) / 100)], opset=19)
     check(m, {"x": x})
     assert sum(isinstance(mod, bc.BWTALinear) for mod in import_model(m, quantize=True).modules()) == 1
+
+
+EINSUM_CASES = [("bsd,dh->bsh", (2, 3, 4), (4, 5), True), ("bsd,hd->bsh", (2, 3, 4), (5, 4), True),
+                ("...d,dh->...h", (2, 3, 4), (4, 5), True), ("bsd,dh->bhs", (2, 3, 4), (4, 5), False),
+                ("bsd,sd->bs", (2, 3, 4), (3, 4), False), ("bd,dd->bd", (2, 4), (4, 4), False)]
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape,linear", EINSUM_CASES, ids=[c[0] for c in EINSUM_CASES])
+def test_einsum_projection_is_a_linear_layer(equation, x_shape, w_shape, linear):
+    """TF/JAX-style Einsum projections with a constant weight import as nn.Linear (quantize=True
+    saw and counted none of them); other equations stay einsum."""
+    x = f32(*x_shape)
+    m = graph_model([N("Einsum", ["x", "w"], ["y"], equation=equation)], {"x": x}, ["y"], [const("w", f32(*w_shape))])
+    check(m, {"x": x})
+    assert sum(isinstance(mod, torch.nn.Linear) for mod in import_model(m).modules()) == int(linear)
