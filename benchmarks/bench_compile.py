@@ -7,7 +7,9 @@ included), the way a deployment restarts:
            (packed weights only) and save the state dict — what training leaves behind;
   cold     empty bwta kernel cache and empty inductor cache: build the model skeleton on the meta
            device, load the frozen checkpoint, ``torch.compile(..., backend="bwta")``, first output;
-  warm     the same again, with the caches the cold run filled.
+  warm     the same again, with the caches the cold run filled;
+  inductor-cold / inductor-warm (``--baseline``): the float encoder with ``backend="inductor"`` the
+           same way, the time torch.compile itself needs for this model on this machine.
 
 Prints the phases (import torch, model ready, first output) and the compile breakdown (Dynamo
 tracing, AOTAutograd, bwta passes, kernel generation/compilation, fallback compiler), and writes
@@ -42,10 +44,24 @@ def _child(args: argparse.Namespace) -> None:
     cfg = EncoderConfig.bert_base(layers=args.layers)
     if args.phase == "prepare":
         torch.manual_seed(0)
-        model = bc.quantize(Encoder(cfg)).eval()
+        float_model = Encoder(cfg).eval()
+        torch.save(float_model.state_dict(), _float_ckpt(args))
+        model = bc.quantize(float_model).eval()
         with torch.no_grad():
             model(*_inputs(torch, cfg, args))          # calibrate the activation scales
         torch.save(bc.freeze(model).state_dict(), args.ckpt)
+        return
+    if args.phase.startswith("inductor"):              # the baseline: the float model, inductor
+        with torch.device("meta"):
+            model = Encoder(cfg).eval()
+        model.load_state_dict(torch.load(_float_ckpt(args)), assign=True)
+        stamps["model ready"] = time.time() - t_start
+        compiled = torch.compile(model, backend="inductor")
+        with torch.no_grad():
+            compiled(*_inputs(torch, cfg, args))
+        stamps["first output"] = time.time() - t_start
+        print("BENCH_JSON " + json.dumps({"stamps": stamps, "bwta": {}, "summary": "", "torch": _torch_times()}),
+              flush=True)
         return
     with torch.device("meta"):                         # skeleton only: the checkpoint has the values
         model = bc.freeze(bc.quantize(Encoder(cfg)).eval())
@@ -60,12 +76,19 @@ def _child(args: argparse.Namespace) -> None:
     for g in rep.graphs:
         for k, v in g.seconds.items():
             bwta_s[k] = bwta_s.get(k, 0.0) + v
+    out = {"stamps": stamps, "bwta": bwta_s, "summary": rep.summary(), "torch": _torch_times()}
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+def _torch_times() -> dict[str, float]:
     from torch._dynamo.utils import compilation_time_metrics as dyn
 
     pick = {"dynamo tracing": "bytecode_tracing", "aot + backend": "create_aot_dispatcher_function"}
-    out = {"stamps": stamps, "bwta": bwta_s, "summary": rep.summary(),
-           "torch": {k: sum(dyn[v]) for k, v in pick.items() if dyn.get(v)}}
-    print("BENCH_JSON " + json.dumps(out), flush=True)
+    return {k: sum(dyn[v]) for k, v in pick.items() if dyn.get(v)}
+
+
+def _float_ckpt(args: argparse.Namespace) -> str:
+    return str(Path(args.ckpt).with_name("encoder_float.pt"))
 
 
 def _inputs(torch, cfg, args):
@@ -91,7 +114,7 @@ def _run(phase: str, args: argparse.Namespace, env: dict) -> dict:
 def _fmt(name: str, r: dict) -> str:
     s = r["stamps"]
     parts = [f"{k} {v:.1f}" for k, v in r["torch"].items()] + [f"{k} {v:.1f}" for k, v in r["bwta"].items()]
-    return (f"{name:5s} import torch {s['import torch']:5.1f} s | model ready {s['model ready']:5.1f} s | "
+    return (f"{name:13s} import torch {s['import torch']:5.1f} s | model ready {s['model ready']:5.1f} s | "
             f"first output {s['first output']:5.1f} s (compile {s['first output'] - s['model ready']:.1f} s: "
             + ", ".join(parts) + ")")
 
@@ -106,6 +129,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--fallback", default="inductor", choices=["inductor", "eager"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time the float encoder with backend='inductor', cold and warm (the floor torch sets)")
     ap.add_argument("--out", default=str(RESULTS / "compile_cpu.json"))
     args = ap.parse_args()
     if args.child:
@@ -119,7 +144,8 @@ def main() -> None:
                    TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
         env.pop("BWTA_DEBUG", None)
         _run("prepare", args, env)
-        results = {name: _run(name, args, env) for name in ("cold", "warm")}
+        phases = ("cold", "warm") + (("inductor-cold", "inductor-warm") if args.baseline else ())
+        results = {name: _run(name, args, env) for name in phases}
     print(f"# {cpu_model()} | {os.cpu_count()} cores | encoder {args.layers} x 768, batch {args.batch}, "
           f"seq {args.seq} | fallback {args.fallback} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for name, r in results.items():
