@@ -166,6 +166,15 @@ def onnx_flatten(x: Tensor, axis: int) -> Tensor:
 
 
 def onnx_reduce(kind: str, x: Tensor, axes: list | None, keepdims: bool) -> Tensor:
+    """Reduce* keep the input's type: torch sums integers into int64 and has no integer mean (ONNX's
+    is the float mean truncated, as the reference computes it)."""
+    if x.is_floating_point() or x.dtype == torch.bool:
+        return _reduce_same_type(kind, x, axes, keepdims)
+    xf = x.to(torch.float64) if kind == "mean" else x
+    return _reduce_same_type(kind, xf, axes, keepdims).to(x.dtype)
+
+
+def _reduce_same_type(kind: str, x: Tensor, axes: list | None, keepdims: bool) -> Tensor:
     if axes is None:
         axes = list(range(x.dim()))
     dims = tuple(a % x.dim() for a in axes) if x.dim() else ()
@@ -532,7 +541,11 @@ register("Sum", rank=_max_rank)(_variadic(torch.add))
 
 @register("Mean", rank=_max_rank)
 def convert_mean(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
-    return ctx.call(torch.div, _variadic(torch.add)(ctx, inputs, attrs, node), float(len(inputs)))
+    total = _variadic(torch.add)(ctx, inputs, attrs, node)
+    dt = ctx.dtype(inputs[0])
+    if dt is not None and not dt.is_floating_point:      # an integer mean stays an integer (truncated)
+        return ctx.call(onnx_cast, ctx.call(torch.div, total, len(inputs), rounding_mode="trunc"), dt)
+    return ctx.call(torch.div, total, float(len(inputs)))
 
 
 # ---- MatMul-like --------------------------------------------------------------------------------

@@ -389,3 +389,16 @@ def test_einsum_projection_is_a_linear_layer(equation, x_shape, w_shape, linear)
     m = graph_model([N("Einsum", ["x", "w"], ["y"], equation=equation)], {"x": x}, ["y"], [const("w", f32(*w_shape))])
     check(m, {"x": x})
     assert sum(isinstance(mod, torch.nn.Linear) for mod in import_model(m).modules()) == int(linear)
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceProd", "ReduceL1", "Mean"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_integer_reductions_keep_their_type(op, dtype):
+    # torch sums int32 into int64 and has no integer mean; ONNX keeps the type (mean truncated).
+    x = rng.integers(-5, 6, (2, 3, 4)).astype(dtype)
+    if op == "Mean":
+        m = graph_model([N("Mean", ["x", "x2"], ["y"])], {"x": x, "x2": x[::-1].copy()}, ["y"])
+        check(m, {"x": x, "x2": x[::-1].copy()})
+        return
+    m = graph_model([N(op, ["x", "a"], ["y"], keepdims=0)], {"x": x}, ["y"], [const("a", np.array([1]))])
+    check(m, {"x": x})
