@@ -183,15 +183,16 @@ def _target(cfg: Config, fake_inputs: Sequence[Any]) -> str:
 
 def _give_up(original: GraphModule, fake_inputs, cfg: Config, rep: GraphReport, dump: DebugDump, why: str):
     from bwta_compiler.passes import MatmulRecord
-    from bwta_compiler.passes.patterns import MATMUL_OPS
+    from bwta_compiler.passes.patterns import MATMUL_OPS, is_other_matmul, matmul_op_name
 
     warnings.warn(f"{why}; graph {rep.graph_id} runs without bwta", stacklevel=2)
     rep.mode = "failed"
     rep.notes.append(why)
     # Every MatMul of the graph runs in float: count them, so the report's totals stay honest.
-    rep.matmuls = [MatmulRecord(n.name, str(n.target).split(".")[1], reason="graph runs without bwta (see note)")
+    rep.matmuls = [MatmulRecord(n.name, matmul_op_name(n), reason="graph runs without bwta (see note)")
                    for n in original.graph.nodes
-                   if n.op == "call_function" and (n.target in MATMUL_OPS or n.target == torch.ops.aten.linear.default)]
+                   if n.op == "call_function" and (n.target in MATMUL_OPS or n.target == torch.ops.aten.linear.default
+                                                   or is_other_matmul(n))]
     dump.text("report.txt", "\n".join(rep.lines()) + "\n")
     add_graph(rep)
     return _fallback_compile(original, fake_inputs, cfg, rep)

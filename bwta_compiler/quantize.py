@@ -11,10 +11,12 @@ What is rewritten:
   attention implementation is switched to a registered ``"bwta"`` function that runs a
   per-module :class:`BWTAAttention`;
 * modules whose ``forward`` calls ``F.scaled_dot_product_attention`` or computes attention with
-  ``matmul``/``@``/``bmm`` around a ``softmax``: those calls are routed to a per-module
-  :class:`BWTAAttention` (ternary Q·Kᵀ, float softmax, bool P x ternary V).
+  ``matmul``/``@``/``bmm``/``einsum`` around a ``softmax``: those calls are routed to a per-module
+  :class:`BWTAAttention` (ternary Q·Kᵀ, float softmax, bool P x ternary V); operands that are
+  parameters (or views of them) are weights, not attention operands, and stay float.
 
-What cannot be rewritten stays float and is listed in the returned model's ``bwta_report``.
+What cannot be rewritten stays float and is listed in the returned model's ``bwta_report`` (weights a
+module multiplies itself, such as MoE routers and stacked expert weights, included).
 The input model is never modified.
 """
 
@@ -97,6 +99,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     report: list[ReportEntry] = []
     for name, mod in list(model.named_modules()):
         if not name:
+            if weights := _self_multiplied_weights(mod):      # the root's own weights (never swapped)
+                report.append(_own_weights_entry("<root>", mod, weights, config.choice(name)))
             continue
         choice = config.choice(name)
         if isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -114,6 +118,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         elif isinstance(mod, nn.MultiheadAttention):
             entry = _swap_mha(model, name, mod, choice, config)
             report.append(entry)
+        elif weights := _self_multiplied_weights(mod):
+            report.append(_own_weights_entry(name, mod, weights, choice))
     report.extend(_patch_hf_attention(model, config))
     report.extend(_patch_sdpa_callers(model, config))
     _disable_torch_fast_paths(model)
@@ -303,6 +309,53 @@ def _forward_source(mod: nn.Module) -> str:
     return ast.unparse(tree)
 
 
+# Calls that multiply by a weight when given one: F.linear, torch.matmul / Tensor.matmul, mm, bmm,
+# einsum, and grouped MatMuls (transformers' MoE experts), with or without a leading underscore.
+_WEIGHT_MATMUL_CALLS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm")
+
+
+def _matmul_operands(node: ast.AST) -> list[ast.AST]:
+    """Operand expressions of a MatMul written in ``node`` (``a @ b``, ``F.linear(x, w)``,
+    ``x.matmul(w)``, ``torch.einsum(eq, a, b)``); [] if it is none."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+        return [node.left, node.right]
+    if not isinstance(node, ast.Call):
+        return []
+    f = node.func
+    fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+    if fname.lstrip("_") not in _WEIGHT_MATMUL_CALLS:
+        return []
+    receiver = [f.value] if isinstance(f, ast.Attribute) else []
+    return [*node.args, *(k.value for k in node.keywords), *receiver]
+
+
+def _self_multiplied_weights(mod: nn.Module) -> list[str]:
+    """Names of the module's own (>= 2-d, float) parameters that its forward multiplies itself
+    (``F.linear(x, self.weight)`` in a MoE router, ``linear(x, self.gate_up_proj[e])`` in stacked
+    MoE experts, ``x @ self.w.T``): weights that are not an ``nn.Linear``, which quantize() cannot
+    swap, so they stay float and must say so in the report."""
+    params = {n: p for n, p in mod.named_parameters(recurse=False) if p.dim() >= 2 and p.is_floating_point()}
+    src = _forward_source(mod) if params else ""
+    if not src:
+        return []
+    tree = ast.parse(src)
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if fn is None or not fn.args.args:
+        return []
+    this = fn.args.args[0].arg                  # "self" (or whatever the forward calls it)
+    used = {sub.attr for node in ast.walk(tree) for operand in _matmul_operands(node) for sub in ast.walk(operand)
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == this}
+    return sorted(n for n in params if n in used)
+
+
+def _own_weights_entry(name: str, mod: nn.Module, weights: list[str], choice: Choice) -> ReportEntry:
+    shapes = ", ".join(f"{w} {list(getattr(mod, w).shape)}" for w in weights)
+    if choice != "bwta":
+        return ReportEntry(name, "linear", "float", "kept float by rule")
+    return ReportEntry(name, "linear", "float", f"{type(mod).__name__} multiplies its own weights ({shapes}) "
+                       "instead of calling an nn.Linear (e.g. a router or stacked MoE experts): they stay float")
+
+
 def _calls_sdpa(mod: nn.Module) -> bool:
     return "scaled_dot_product_attention" in _forward_source(mod)
 
@@ -318,7 +371,20 @@ _SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functiona
 def _computes_attention(mod: nn.Module) -> bool:
     """A forward that multiplies activations around a softmax (hand-written attention)."""
     src = _forward_source(mod)
-    return "softmax" in src and any(tok in src for tok in ("matmul", "@", "bmm"))
+    return "softmax" in src and any(tok in src for tok in ("matmul", "@", "bmm", "einsum"))
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (``self.w.T``, ``self.w.t()``): a weight, not an activation."""
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
+def _einsum_operands(args: tuple) -> tuple[str, tuple] | None:
+    """(equation, operands) of ``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])``."""
+    if not args or not isinstance(args[0], str):
+        return None
+    ops = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+    return args[0], ops
 
 
 class _AttentionRedirect(torch.overrides.TorchFunctionMode):
@@ -342,23 +408,38 @@ class _AttentionRedirect(torch.overrides.TorchFunctionMode):
         if func in _SOFTMAXES:
             self.after_softmax = True
             return func(*args, **kwargs)
-        if func in _MATMULS and len(args) == 2 and not kwargs and all(
-                isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 2
-                and a.is_floating_point() for a in args):
-            a, b = args
-            core = self.core
-            if self.after_softmax:
-                self.after_softmax = False
-                cp, sp = core.p_quant.codes(a)
-                cv, sv = core.v_quant.codes(b)
-                return (torch.matmul(cp.float(), cv.float()) * (sp.float() * sv.float())).to(b.dtype)
-            if a.shape[-1] == 1:
+        if func in _MATMULS and len(args) == 2 and not kwargs and _activations(args):
+            if not self.after_softmax and args[0].shape[-1] == 1:
                 # An outer product (rotary frequencies ``inv_freq @ positions``), not Q·Kᵀ.
                 return func(*args, **kwargs)
-            cq, sq = core.q_quant.codes(a)
-            ck, sk = core.k_quant.codes(b)
-            return (torch.matmul(cq.float(), ck.float()) * (sq.float() * sk.float())).to(a.dtype)
+            return self._quantized(torch.matmul, *args)
+        if func is torch.einsum and not kwargs:
+            # Swin / many vision models: einsum("bhqd,bhkd->bhqk", q, k), einsum("bhqk,bhkd->bhqd", p, v).
+            eq_ops = _einsum_operands(args)
+            if eq_ops is not None and len(eq_ops[1]) == 2 and _activations(eq_ops[1]):
+                eq, (a, b) = eq_ops
+                return self._quantized(functools.partial(torch.einsum, eq), a, b)
         return func(*args, **kwargs)
+
+    def _quantized(self, mm, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``mm(a, b)`` on codes times the scales: P·V right after a softmax, else Q·Kᵀ."""
+        core = self.core
+        if self.after_softmax:
+            self.after_softmax = False
+            cp, sp = core.p_quant.codes(a)
+            cv, sv = core.v_quant.codes(b)
+            return (mm(cp.float(), cv.float()) * (sp.float() * sv.float())).to(b.dtype)
+        cq, sq = core.q_quant.codes(a)
+        ck, sk = core.k_quant.codes(b)
+        return (mm(cq.float(), ck.float()) * (sq.float() * sk.float())).to(a.dtype)
+
+
+def _activations(operands: tuple) -> bool:
+    """Both operands are float activations of rank >= 2: not weights (a projection written
+    ``x @ self.w.T`` is not Q·Kᵀ, and quantizing it with the attention's quantizers would both
+    binarize the weight on the wrong scale and calibrate Q·Kᵀ's scales on the projection)."""
+    return all(isinstance(a, torch.Tensor) and a.dim() >= 2 and a.is_floating_point() and not _is_weight(a)
+               for a in operands)
 
 
 def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:

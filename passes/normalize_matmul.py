@@ -1,12 +1,18 @@
 """Bring the many spellings of a MatMul into one form: ``mm`` / ``bmm`` plus a separate bias ``add``
-(``addmm``, ``baddbmm`` and ``linear`` are split), and record every MatMul for the low-bit report."""
+(``addmm``, ``baddbmm`` and ``linear`` are split), and record every MatMul for the low-bit report
+(grouped / special MatMul ops too, as float)."""
 
 from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
 from .context import MatmulRecord, PassContext
-from .patterns import aten, is_call, meta_val
+from .patterns import aten, is_call, is_other_matmul, matmul_op_name, meta_val
+
+# Recorded for MatMul ops outside mm/bmm/addmm/baddbmm/linear (aten._grouped_mm, transformers'
+# grouped_mm_fallback, ...), which no pass rewrites.
+OTHER_MATMUL_REASON = ("grouped or special MatMul op (e.g. MoE experts' stacked 3-d weights): "
+                       "bwta has no low-bit form for it, it runs in float")
 
 
 def _split_with_bias(gm: GraphModule, node: Node, mm_op) -> Node:
@@ -57,4 +63,7 @@ def normalize_matmul(gm: GraphModule, ctx: PassContext) -> GraphModule:
                    aten.baddbmm.default):
             ctx.matmuls[node.name] = MatmulRecord(node.name, str(node.target).split(".")[1],
                                                   reason="operands are not quantized (float MatMul)")
+        elif is_other_matmul(node):
+            ctx.matmuls[node.name] = MatmulRecord(node.name, matmul_op_name(node), reason=OTHER_MATMUL_REASON)
     return gm
+

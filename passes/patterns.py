@@ -3,6 +3,8 @@ quantizer code ops, walking back through layout chains)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.fx import Node
 
@@ -31,6 +33,25 @@ ACT_CODE_OPS = {
 }
 
 MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default, aten.baddbmm.default}
+
+# Other MatMul ops a graph can hold (grouped MoE expert MatMuls: ``aten._grouped_mm``,
+# transformers' ``grouped_mm_fallback``; ``_int_mm``, ``_scaled_mm``, ...): bwta has no low-bit
+# form for them, but the report must count them as float MatMuls.  Matched by op name.
+_OTHER_MATMUL_NAME = re.compile(r"(^|_)(grouped_mm|mm|bmm|matmul|gemm|scaled_mm|int_mm)(_|$)")
+
+
+def is_other_matmul(node: object) -> bool:
+    """A MatMul op outside ``MATMUL_OPS`` and ``aten.linear`` (matched by its op name)."""
+    if not (isinstance(node, Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
+        return False
+    if node.target in MATMUL_OPS or node.target == aten.linear.default or node.target.namespace == "bwta":
+        return False
+    return _OTHER_MATMUL_NAME.search(node.target._opname) is not None
+
+
+def matmul_op_name(node: Node) -> str:
+    """Short op name for the report: ``mm``, ``bmm``, ``_grouped_mm``, ``grouped_mm_fallback``."""
+    return node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
 
 
 def is_call(node: object, *targets) -> bool:
