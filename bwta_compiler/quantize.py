@@ -11,7 +11,7 @@ What is rewritten:
   attention implementation is switched to a registered ``"bwta"`` function that runs a
   per-module :class:`BWTAAttention`;
 * modules whose ``forward`` calls ``F.scaled_dot_product_attention`` or computes attention with
-  ``matmul``/``@``/``bmm``/``einsum`` around a ``softmax``: those calls are routed to a per-module
+  ``matmul``/``@``/``bmm``/``baddbmm``/``einsum`` around a ``softmax``: those calls are routed to a per-module
   :class:`BWTAAttention` (ternary Q·Kᵀ, float softmax, bool P x ternary V); operands that are
   parameters (or views of them) are weights, not attention operands, and stay float.
 
@@ -366,6 +366,12 @@ def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 _SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
+# Bloom-style ``beta * alibi + alpha * Q·Kᵀ`` in one call.
+_BADDBMMS = (torch.baddbmm, torch.Tensor.baddbmm)
+
+
+def _baddbmm_args(input, batch1, batch2, *, beta=1, alpha=1):
+    return input, batch1, batch2, beta, alpha
 
 
 def _computes_attention(mod: nn.Module) -> bool:
@@ -413,6 +419,11 @@ class _AttentionRedirect(torch.overrides.TorchFunctionMode):
                 # An outer product (rotary frequencies ``inv_freq @ positions``), not Q·Kᵀ.
                 return func(*args, **kwargs)
             return self._quantized(torch.matmul, *args)
+        if func in _BADDBMMS and "out" not in kwargs and not self.after_softmax:
+            bias, a, b, beta, alpha = _baddbmm_args(*args, **kwargs)
+            if _activations((a, b)):
+                scores = self._quantized(torch.matmul, a, b) * alpha
+                return scores if beta == 0 else (scores + beta * bias).to(bias.dtype)
         if func is torch.einsum and not kwargs:
             # Swin / many vision models: einsum("bhqd,bhkd->bhqk", q, k), einsum("bhqk,bhkd->bhqd", p, v).
             eq_ops = _einsum_operands(args)

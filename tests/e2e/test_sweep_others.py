@@ -5,6 +5,8 @@ window attention, Hugging Face MoE decoders): the cases that were wrong or unrep
   as Q·Kᵀ with the attention's quantizers (the weight ternarized, Q·Kᵀ's scales calibrated on the
   projection input);
 * attention spelled with ``torch.einsum`` (Swin, many vision models) was neither quantized nor listed;
+* Bloom-style ``alibi.baddbmm(q, k, beta=1, alpha=1/sqrt(d))`` left Q·Kᵀ float while the quantize
+  report counted the attention as BWTA;
 * MoE experts (stacked 3-d weights) and routers (``F.linear(x, self.weight)``) stayed float without
   a word in the quantize report, and their grouped MatMuls were missing from the compiled report's
   count.
@@ -107,6 +109,46 @@ def test_einsum_window_attention_is_quantized():
     assert rep.lowbit == rep.total == 8, str(rep)        # qkv, proj, Q·Kᵀ, P·V; two batch sizes
     # The einsum spelling quantizes exactly like the matmul spelling of the same attention.
     spelled = WindowAttention(einsum=False).eval()
+    spelled.load_state_dict(model.state_dict())
+    qm = bc.quantize(spelled)
+    with torch.no_grad():
+        qm(*calls[0])
+        for args in calls:
+            torch.testing.assert_close(q(*args), qm(*args), rtol=1e-5, atol=1e-5)
+
+
+class AlibiBaddbmm(nn.Module):
+    """Hand-written causal ALiBi attention (Bloom): ``beta * alibi + alpha * Q·Kᵀ`` in one baddbmm."""
+
+    def __init__(self, d=32, h=4, baddbmm=True):
+        super().__init__()
+        self.h, self.baddbmm = h, baddbmm
+        self.query_key_value, self.dense = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)]))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        hd = d // self.h
+        q, k, v = (y.transpose(1, 2).reshape(b * self.h, t, hd)
+                   for y in self.query_key_value(x).view(b, t, self.h, 3, hd).unbind(3))
+        alibi = (self.slopes[:, None] * torch.arange(t)[None, :]).repeat(b, 1).view(b * self.h, 1, t)
+        if self.baddbmm:
+            scores = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(hd))
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2)) * (1 / math.sqrt(hd)) + alibi
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), torch.finfo(scores.dtype).min)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.dense(torch.bmm(p, v).view(b, self.h, t, hd).transpose(1, 2).reshape(b, t, d))
+
+
+def test_baddbmm_alibi_attention_is_quantized():
+    torch.manual_seed(0)
+    model = AlibiBaddbmm().eval()
+    q = bc.quantize(model)
+    calls = [(torch.randn(2, 7, 32),), (torch.randn(2, 10, 32),)]
+    rep = _compile_and_compare(q, calls)
+    assert rep.lowbit == rep.total == 8, str(rep)        # qkv, dense, Q·Kᵀ, P·V; two lengths
+    spelled = AlibiBaddbmm(baddbmm=False).eval()
     spelled.load_state_dict(model.state_dict())
     qm = bc.quantize(spelled)
     with torch.no_grad():
