@@ -291,6 +291,11 @@ def onnx_pad(x: Tensor, pads: list, value: Any, mode: str, axes: list | None) ->
     return x
 
 
+def onnx_shape(x: Tensor, start: int, end: int | None) -> Tensor:
+    # Python slicing clamps start/end (negative ones count from the end) exactly as ONNX Shape does.
+    return torch.tensor(x.shape[start:end], dtype=torch.int64)
+
+
 def onnx_trunc_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
@@ -789,7 +794,10 @@ def convert_shape(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     else:
         r = ctx.rank(x)
         if r is None:
-            return ctx.call(torch.tensor, ctx.call(getattr, x, "shape"), dtype=torch.int64)
+            # Rank unknown (no shape information): slice the shape at run time, start/end included.
+            out = ctx.call(onnx_shape, x, attrs.get("start", 0), attrs.get("end"))
+            out.meta.update(dtype=torch.int64, rank=1)
+            return out
         items = [ctx.size(x, i) for i in range(r)]
     r = len(items)
     start, end = attrs.get("start", 0), attrs.get("end", r)

@@ -402,3 +402,20 @@ def test_integer_reductions_keep_their_type(op, dtype):
         return
     m = graph_model([N(op, ["x", "a"], ["y"], keepdims=0)], {"x": x}, ["y"], [const("a", np.array([1]))])
     check(m, {"x": x})
+
+
+# ---- no shape information ------------------------------------------------------------------------
+
+
+def test_shape_start_end_of_an_input_without_shape():
+    """Dynamo exports read sizes with Shape(start, end); with the input's shape stripped, the rank is
+    unknown at import and start/end were ignored (the whole shape came back: wrong Slice/Range
+    bounds downstream)."""
+    x = f32(2, 5, 3)
+    nodes = [N("Shape", ["x"], ["s1"], start=1, end=2), N("Shape", ["x"], ["s2"], start=-2),
+             N("Shape", ["x"], ["s3"]), N("Slice", ["pos", "zero", "s1"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, None)],
+                          [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in ("y", "s2", "s3")],
+                          [const("pos", np.arange(10)), const("zero", np.array([0]))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    check(m, {"x": x})
