@@ -161,8 +161,8 @@ def onnx_split(x: Tensor, sizes: list | None, axis: int, n: int) -> tuple:
 
 
 def onnx_flatten(x: Tensor, axis: int) -> Tensor:
-    axis = axis % (x.dim() + 1) if axis < 0 else axis
-    return x.reshape(math.prod(x.shape[:axis]), -1)
+    axis = axis + x.dim() if axis < 0 else axis      # -1 is the last dim (not "after the last")
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 def onnx_reduce(kind: str, x: Tensor, axes: list | None, keepdims: bool) -> Tensor:
@@ -810,7 +810,10 @@ def convert_size(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     x = inputs[0]
     if isinstance(x, Const):
         return Const(torch.tensor(x.t.numel()))
-    return ctx.call(torch.numel, x)
+    # A 0-d int64 value (torch.numel returns a Python int, which as a graph output is no tensor).
+    n = ctx.graph.call_method("numel", (x,))
+    n.meta.update(dtype=torch.int64, rank=0)
+    return Sym([n], scalar=True)
 
 
 def _as_list(items: Any) -> Any:

@@ -419,3 +419,17 @@ def test_shape_start_end_of_an_input_without_shape():
                           [const("pos", np.arange(10)), const("zero", np.array([0]))])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
     check(m, {"x": x})
+
+
+@pytest.mark.parametrize("axis", [-1, -3, 0, 3])
+def test_flatten_negative_axis(axis):
+    # Flatten's axis -1 is "before the last dim" ([6, 4] for [2, 3, 4]); it flattened to [24, 1].
+    x = f32(2, 3, 4)
+    check(graph_model([N("Flatten", ["x"], ["y"], axis=axis)], {"x": x}, ["y"]), {"x": x})
+
+
+def test_size_is_a_tensor():
+    # Size of a run-time value returned torch.numel's Python int, not a 0-d int64 tensor.
+    x = f32(2, 3, 4)
+    check(graph_model([N("Size", ["x"], ["n"]), N("Mul", ["n", "two"], ["y"])], {"x": x}, ["n", "y"],
+                      [const("two", np.array(2))]), {"x": x})
