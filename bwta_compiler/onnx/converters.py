@@ -871,20 +871,21 @@ def _unsqueeze_rank(ctx: Ctx, inputs: list, attrs: dict) -> int | None:
 @register("Unsqueeze", rank=_unsqueeze_rank)
 def convert_unsqueeze(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     x = inputs[0]
-    axes = _axes(ctx, inputs, attrs)
-    if isinstance(x, Sym) and x.scalar and len(axes) == 1:
+    axes = _as_list(_axes(ctx, inputs, attrs))       # a list, or an FX node for run-time axes
+    if isinstance(x, Sym) and x.scalar and isinstance(axes, list) and len(axes) == 1:
         return Sym(x.items)
-    return ctx.call(onnx_unsqueeze, x, list(axes))
+    return ctx.call(onnx_unsqueeze, x, axes)
 
 
 @register("Squeeze")
 def convert_squeeze(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     x = inputs[0]
     axes = _axes(ctx, inputs, attrs)
+    axes = _as_list(axes) if axes is not None else None     # a list, or an FX node for run-time axes
     if isinstance(x, Sym) and not x.scalar and len(x.items) == 1:
         return Sym(x.items, scalar=True)
-    out = ctx.call(onnx_squeeze, x, list(axes) if axes is not None else None)
-    if isinstance(out, torch.fx.Node) and axes is not None and ctx.rank(x) is not None:
+    out = ctx.call(onnx_squeeze, x, axes)
+    if isinstance(out, torch.fx.Node) and isinstance(axes, list) and ctx.rank(x) is not None:
         out.meta["rank"] = ctx.rank(x) - len(axes)
     return out
 
@@ -1052,7 +1053,9 @@ def convert_range(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
 def convert_trilu(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     k = 0
     if len(inputs) > 1 and inputs[1] is not None:
-        k = ctx.ints(inputs[1], "Trilu k")[0]
+        items = ctx.ints(inputs[1], "Trilu k")
+        k = items[0] if not isinstance(items, torch.fx.Node) else \
+            ctx.graph.call_function(operator.getitem, (items, 0))      # read at run time
     fn = torch.triu if attrs.get("upper", 1) else torch.tril
     return ctx.call(fn, inputs[0], k)
 
@@ -1178,9 +1181,13 @@ def convert_quantize(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
 def convert_cumsum(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
     x, axis = inputs
     items = ctx.sym(axis)
-    if items is None or len(items) != 1 or not isinstance(items[0], int):
-        raise OnnxImportError("CumSum axis must be a constant (one int)")
-    return ctx.call(onnx_cumsum, x, items[0], attrs.get("exclusive", 0), attrs.get("reverse", 0))
+    if items is not None and len(items) == 1 and isinstance(items[0], int):
+        ax = items[0]
+    elif isinstance(axis, torch.fx.Node):
+        ax = ctx.graph.call_method("item", (axis,))             # read at run time
+    else:
+        raise OnnxImportError(f"CumSum axis must be one int, got {axis!r}")
+    return ctx.call(onnx_cumsum, x, ax, attrs.get("exclusive", 0), attrs.get("reverse", 0))
 
 
 @register("If")

@@ -433,3 +433,15 @@ def test_size_is_a_tensor():
     x = f32(2, 3, 4)
     check(graph_model([N("Size", ["x"], ["n"]), N("Mul", ["n", "two"], ["y"])], {"x": x}, ["n", "y"],
                       [const("two", np.array(2))]), {"x": x})
+
+
+RUNTIME_INT_CASES = [("Trilu", {"k": np.array(1)}), ("Unsqueeze", {"a": np.array([0, -1])}),
+                     ("Squeeze", {"a": np.array([1])}), ("CumSum", {"a": np.array(1)})]
+
+
+@pytest.mark.parametrize("op,extra", RUNTIME_INT_CASES, ids=[c[0] for c in RUNTIME_INT_CASES])
+def test_int_operands_given_at_run_time(op, extra):
+    # An axis or k fed as a graph input is read at run time (the converters indexed an FX node).
+    x = f32(4, 1, 5) if op == "Squeeze" else f32(4, 5)
+    feeds = {"x": x, **extra}
+    check(graph_model([N(op, ["x", *extra], ["y"])], feeds, ["y"]), feeds)
