@@ -311,8 +311,12 @@ class BWTAMultiheadAttention(nn.Module):
         # Attention-probability dropout (nn.TransformerEncoderLayer's default 0.1) is a no-op in
         # inference and is not applied to the {0,1} probabilities in training either.
         self.dropout = mha.dropout
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise NotImplementedError("BWTAMultiheadAttention: bias_k/bias_v and add_zero_attn are not supported")
+        # add_bias_kv: a learned key/value row appended to every sequence (after the projections);
+        # add_zero_attn: a zero key/value row appended after that.  Both are attention operands like
+        # the projected rows, so they go through the same K/V quantizers.
+        self.bias_k = nn.Parameter(mha.bias_k.detach().clone()) if mha.bias_k is not None else None
+        self.bias_v = nn.Parameter(mha.bias_v.detach().clone()) if mha.bias_v is not None else None
+        self.add_zero_attn = mha.add_zero_attn
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -329,8 +333,13 @@ class BWTAMultiheadAttention(nn.Module):
         s = key.shape[1]
         h, d = self.num_heads, self.embed_dim // self.num_heads
         q = self.q_proj(query).view(b, t, h, d).transpose(1, 2)
-        k = self.k_proj(key).view(b, s, h, d).transpose(1, 2)
-        v = self.v_proj(value).view(b, s, h, d).transpose(1, 2)
+        k, v = self._extra_keys(self.k_proj(key), self.v_proj(value))
+        extra = k.shape[1] - s
+        if extra:       # the appended keys are attended: masks get False / 0 columns for them
+            attn_mask, key_padding_mask = _pad_keys(attn_mask, extra), _pad_keys(key_padding_mask, extra)
+            s += extra
+        k = k.view(b, s, h, d).transpose(1, 2)
+        v = v.view(b, s, h, d).transpose(1, 2)
         mask = _merge_mha_masks(attn_mask, key_padding_mask, b, h, t, s, query.dtype)
         if need_weights and isinstance(self.core, BWTAAttention):
             ctx, weights = self.core.attend(q, k, v, mask, is_causal and mask is None, need_weights=True)
@@ -342,6 +351,23 @@ class BWTAMultiheadAttention(nn.Module):
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)       # [B, T, S], as nn.MultiheadAttention
         return out, weights
+
+    def _extra_keys(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected [B, S, E] keys/values with the add_bias_kv row and the add_zero_attn row appended."""
+        b = k.shape[0]
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.to(k.dtype).expand(b, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.to(v.dtype).expand(b, 1, -1)], dim=1)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(b, 1, k.shape[-1])], dim=1)
+            v = torch.cat([v, v.new_zeros(b, 1, v.shape[-1])], dim=1)
+        return k, v
+
+
+def _pad_keys(mask: Tensor | None, n: int) -> Tensor | None:
+    """``mask`` with ``n`` more key columns that mask nothing (False / 0.0), as nn.MultiheadAttention
+    pads its masks for add_bias_kv and add_zero_attn."""
+    return None if mask is None else F.pad(mask, (0, n))
 
 
 def _merge_mha_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, t: int,

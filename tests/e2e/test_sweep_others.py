@@ -7,6 +7,8 @@ window attention, Hugging Face MoE decoders): the cases that were wrong or unrep
 * attention spelled with ``torch.einsum`` (Swin, many vision models) was neither quantized nor listed;
 * Bloom-style ``alibi.baddbmm(q, k, beta=1, alpha=1/sqrt(d))`` left Q·Kᵀ float while the quantize
   report counted the attention as BWTA;
+* nn.MultiheadAttention with add_bias_kv / add_zero_attn stayed entirely float (now BWTA, with the
+  appended key/value rows and padded masks as torch has them);
 * MoE experts (stacked 3-d weights) and routers (``F.linear(x, self.weight)``) stayed float without
   a word in the quantize report, and their grouped MatMuls were missing from the compiled report's
   count.
@@ -155,6 +157,54 @@ def test_baddbmm_alibi_attention_is_quantized():
         qm(*calls[0])
         for args in calls:
             torch.testing.assert_close(q(*args), qm(*args), rtol=1e-5, atol=1e-5)
+
+
+def _float_routed(mha: nn.MultiheadAttention) -> nn.Module:
+    """BWTAMultiheadAttention with float projections and a float core: must equal ``mha``."""
+    from bwta_compiler.modules import AttentionCore
+
+    b = bc.BWTAMultiheadAttention(mha)
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        lin = getattr(b, name)
+        f = nn.Linear(lin.in_features, lin.out_features)
+        f.load_state_dict({"weight": lin.weight, "bias": lin.bias})
+        setattr(b, name, f)
+    b.core = AttentionCore()
+    return b
+
+
+class _MHA(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, **kw)
+
+    def forward(self, q, kv, key_padding_mask=None, attn_mask=None):
+        return self.mha(q, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask)[0]
+
+
+@pytest.mark.parametrize("kw", [{"add_bias_kv": True, "batch_first": True},
+                                {"add_bias_kv": True, "add_zero_attn": True, "kdim": 24, "vdim": 24}])
+def test_multihead_attention_bias_kv_and_zero_attn(kw):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, **kw).eval()
+    bf, kd = kw.get("batch_first", False), kw.get("kdim", 32)
+    q = torch.randn(2, 5, 32) if bf else torch.randn(5, 2, 32)
+    kv = torch.randn(2, 7, kd) if bf else torch.randn(7, 2, kd)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, 5:] = True
+    am = torch.zeros(5, 7, dtype=torch.bool)
+    am[:, -1] = True
+    routed = _float_routed(mha)
+    with torch.no_grad():
+        for masks in ({}, {"key_padding_mask": kpm, "attn_mask": am}, {"attn_mask": torch.randn(8, 5, 7)}):
+            torch.testing.assert_close(routed(q, kv, kv, **masks)[0], mha(q, kv, kv, **masks)[0],
+                                       rtol=1e-4, atol=1e-5)
+    model = _MHA(**kw).eval()
+    qm = bc.quantize(model)
+    assert [e.choice for e in qm.bwta_report] == ["bwta"], qm.bwta_report
+    kv2 = torch.randn(2, 9, kd) if bf else torch.randn(9, 2, kd)
+    rep = _compile_and_compare(qm, [(q, kv, kpm, am), (q, kv2)])
+    assert rep.lowbit == rep.total == 12, str(rep)          # 4 projections + Q·Kᵀ + P·V, two graphs
 
 
 def _mixtral():
