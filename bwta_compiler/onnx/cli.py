@@ -146,6 +146,11 @@ def example_inputs(path: str, batch: int, seq: int, seed: int = 0) -> list:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            # Rank unknown (a stripped or hand-written file): a guessed rank would fail deep in the
+            # compiled graph, so say which input needs a shape.
+            raise CliError(f"{path}: graph input {vi.name!r} has no shape, so no example input can be made for "
+                           f"it; give it one (onnx.tools.update_model_dims.update_inputs_outputs_dims)")
         dims = []
         for i, d in enumerate(tt.shape.dim):
             dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0 else seq))
@@ -213,7 +218,10 @@ def run_compile(args: argparse.Namespace) -> int:
     gm = _import(args, progress)
     if gm is None:
         return 2
-    inputs = example_inputs(args.model, args.batch, args.seq)
+    try:
+        inputs = example_inputs(args.model, args.batch, args.seq)
+    except CliError as e:
+        return _fail(e)
     _reset_report()
     with progress.step(f"compiling with bwta (options {opts or 'default'}); the first call generates and "
                        f"compiles the kernels"):
@@ -266,7 +274,10 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     cuda = args.target == "cuda" or (args.target == "auto" and torch.cuda.is_available())
     device = "cuda" if cuda else "cpu"
-    inputs = [x.to(device) for x in example_inputs(args.model, args.batch, args.seq)]
+    try:
+        inputs = [x.to(device) for x in example_inputs(args.model, args.batch, args.seq)]
+    except CliError as e:
+        return _fail(e)
     float_path = args.float_model or args.model
     base = _import(args, progress, float_path, None, f"importing the float baseline {float_path}")
     if base is None:

@@ -445,3 +445,20 @@ def test_int_operands_given_at_run_time(op, extra):
     x = f32(4, 1, 5) if op == "Squeeze" else f32(4, 5)
     feeds = {"x": x, **extra}
     check(graph_model([N(op, ["x", *extra], ["y"])], feeds, ["y"]), feeds)
+
+
+@pytest.mark.parametrize("command", ["compile", "bench"])
+def test_cli_input_without_shape_is_one_error_line(tmp_path, capsys, command):
+    """``bwta compile`` on a file whose input has no shape: it generated a 0-d example input and
+    failed with a traceback inside the compiled graph; now one ``bwta:`` line names the input."""
+    from bwta_compiler.cli import main
+
+    g = helper.make_graph([N("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", F32, None)],
+                          [helper.make_tensor_value_info("y", F32, None)], [const("w", f32(4, 3))])
+    path = tmp_path / "noshape.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=8), path)
+    rc = main([command, str(path), "--target", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("bwta: ") and "'x' has no shape" in last and str(path) in last
