@@ -1,6 +1,6 @@
 """Bit formats: the one place that defines how BWTA codes are stored.
 
-Layout (DESIGN.md "Bit formats"):
+Layout:
 
 * Binary (weights, {-1,+1}): one plane, bit = 1 means -1.  Shape ``[..., Kw]``.
 * Ternary (activations, {-1,0,+1}): two planes, P = [code == +1], N = [code == -1]; zero is

@@ -4,7 +4,7 @@ Quantizer ops return **codes** (integer values stored in the input's float dtype
 straight-through backward; the fake-quantized value is ``code * scale`` (see :func:`ternarize`,
 :func:`boolize`, :func:`binarize`).  Modules multiply the scales in *after* the MatMul on
 codes, which is exact in integers, so the eager model computes ``float(acc) * (alpha * s) + bias``
-exactly as the generated kernels do (DESIGN.md "Arithmetic").
+exactly as the generated kernels do.
 
 Code rules (thresholds computed once per tensor in fp32, then compared in the input dtype):
 

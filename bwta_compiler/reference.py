@@ -1,7 +1,7 @@
 """Reference low-bit MatMuls on packed codes, and the fused ops the compiler emits.
 
 ``bwta::mm_bt | mm_tt | mm_ut | mm_bb`` compute ``out[..., m, n] = sum_k A[..., m, k] * B[..., n, k]``
-from packed words with the XOR/AND + popcount identities of DESIGN.md, then the epilogue
+from packed words with the XOR/AND + popcount identities (``acc_bt`` ... ``acc_bb``), then the epilogue
 ``float(acc) * scale + bias`` in fp32.  They are the oracles every generated kernel is tested
 against (and they are tested against an integer matmul of the unpacked codes).
 
@@ -9,6 +9,8 @@ against (and they are tested against an integer matmul of the unpacked codes).
 quantize -> pack -> MatMul -> epilogue in one node.  When the backend has bound a generated
 kernel (the ``kernel_id`` argument names it in :mod:`bwta_compiler.kernel_registry`), the op
 launches it; otherwise it computes the same integers with a float GEMM on the codes (exact).
+In compiled graphs the backend then retargets the node to the op's launch twin
+(:mod:`bwta_compiler.launch_ops`), which calls the kernel without ``custom_op``'s per-call layers.
 ``linear_reference`` / ``qbmm_reference`` are the popcount oracles of both.
 """
 
