@@ -269,6 +269,37 @@ def onnx_conv(x: Tensor, w: Tensor, b: Tensor | None, strides: list, pads: list 
     return conv(x, w, b, tuple(strides), tuple(begin), tuple(dilations), group)
 
 
+def onnx_pool(kind: str, x: Tensor, kernel: list, strides: list, pads: list | None, dilations: list,
+              auto_pad: str, ceil_mode: bool, count_include_pad: bool) -> Tensor:
+    """MaxPool / AveragePool (1-D..3-D): explicit or auto pads; asymmetric pads are applied first
+    (-inf for max; for average as zeros counted only with count_include_pad)."""
+    nd = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        w = x.new_empty((1, 1, *[(k - 1) * d + 1 for k, d in zip(kernel, dilations)]))
+        pads = _same_pads(x, w, strides, [1] * nd, auto_pad == "SAME_UPPER")
+    elif auto_pad == "VALID" or pads is None:
+        pads = [0] * (2 * nd)
+    begin, end = list(pads[:nd]), list(pads[nd:])
+    if kind == "max":
+        if begin != end or any(2 * b > k for b, k in zip(begin, kernel)):
+            x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])], value=-math.inf)
+            begin = [0] * nd
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        return fn(x, kernel, strides, begin, dilations, ceil_mode)
+    if begin != end or any(2 * b > k for b, k in zip(begin, kernel)):
+        if not count_include_pad:
+            # Average over the real elements only: pool a ones mask the same way.
+            ones = torch.ones_like(x[:1, :1])
+            pad = [p for i in reversed(range(nd)) for p in (begin[i], end[i])]
+            num = onnx_pool("avg", F.pad(x, pad), kernel, strides, None, [1] * nd, "VALID", ceil_mode, True)
+            den = onnx_pool("avg", F.pad(ones, pad), kernel, strides, None, [1] * nd, "VALID", ceil_mode, True)
+            return num / den
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])])
+        begin = [0] * nd
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    return fn(x, kernel, strides, begin, ceil_mode, count_include_pad)
+
+
 def onnx_pad(x: Tensor, pads: list, value: Any, mode: str, axes: list | None) -> Tensor:
     r = x.dim()
     axes = list(range(r)) if axes is None else [a % r for a in axes]
@@ -640,6 +671,39 @@ def convert_conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
         raise OnnxImportError(f"Conv auto_pad={auto_pad!r} is not supported")
     return ctx.call(onnx_conv, x, w, b, list(attrs.get("strides", [1] * k)), attrs.get("pads"),
                     list(attrs.get("dilations", [1] * k)), attrs.get("group", 1), auto_pad)
+
+
+def _pool(kind: str):
+    def conv(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+        if len([o for o in node.output if o]) > 1:
+            raise OnnxImportError("MaxPool's Indices output is not supported")
+        if attrs.get("storage_order", 0):
+            raise OnnxImportError("MaxPool storage_order=1 is not supported")
+        kernel = list(attrs["kernel_shape"])
+        k = len(kernel)
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+            raise OnnxImportError(f"auto_pad={auto_pad!r} is not supported")
+        if kind == "avg" and any(d != 1 for d in attrs.get("dilations", [])):
+            raise OnnxImportError("AveragePool with dilations is not supported")
+        return ctx.call(onnx_pool, kind, inputs[0], kernel, list(attrs.get("strides", [1] * k)), attrs.get("pads"),
+                        list(attrs.get("dilations", [1] * k)), auto_pad, bool(attrs.get("ceil_mode", 0)),
+                        bool(attrs.get("count_include_pad", 0)))
+    return conv
+
+
+register("MaxPool", rank=_same_rank)(_pool("max"))
+register("AveragePool", rank=_same_rank)(_pool("avg"))
+
+
+def onnx_global_pool(kind: str, x: Tensor) -> Tensor:
+    """Over every spatial dim (2..), keeping them as size 1."""
+    return onnx_reduce(kind, x, list(range(2, x.dim())), True)
+
+
+@register("GlobalAveragePool", "GlobalMaxPool", rank=_same_rank)
+def convert_global_pool(ctx: Ctx, inputs: list, attrs: dict, node) -> Any:
+    return ctx.call(onnx_global_pool, "mean" if node.op_type == "GlobalAveragePool" else "max", inputs[0])
 
 
 @register("Pad", rank=_same_rank)

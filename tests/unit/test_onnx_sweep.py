@@ -462,3 +462,23 @@ def test_cli_input_without_shape_is_one_error_line(tmp_path, capsys, command):
     assert rc == 2 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("bwta: ") and "'x' has no shape" in last and str(path) in last
+
+
+POOL_CASES = [("MaxPool", 2, {"strides": [2, 2]}), ("MaxPool", 2, {"pads": [0, 0, 1, 1], "strides": [2, 2]}),
+              ("MaxPool", 2, {"auto_pad": "SAME_UPPER", "ceil_mode": 1, "strides": [2, 2]}),
+              ("MaxPool", 2, {"dilations": [2, 1], "pads": [1, 1, 1, 1]}),
+              ("AveragePool", 1, {"pads": [1, 1]}), ("AveragePool", 2, {"pads": [0, 1, 1, 0], "count_include_pad": 1}),
+              ("AveragePool", 2, {"pads": [0, 1, 1, 0]}), ("AveragePool", 3, {"ceil_mode": 1, "strides": [2, 2, 2]}),
+              ("AveragePool", 2, {"auto_pad": "SAME_LOWER"})]
+
+
+@pytest.mark.parametrize("op,nd,attrs", POOL_CASES, ids=[f"{c[0]}{c[1]}d-{'-'.join(c[2])}" for c in POOL_CASES])
+def test_pooling(op, nd, attrs):
+    x = f32(2, 3, *[9, 8, 7][:nd])
+    check(graph_model([N(op, ["x"], ["y"], kernel_shape=[3] * nd, **attrs)], {"x": x}, ["y"], opset=19), {"x": x})
+
+
+def test_global_pooling():
+    x = f32(2, 3, 5, 4)
+    check(graph_model([N("GlobalAveragePool", ["x"], ["a"]), N("GlobalMaxPool", ["x"], ["m"])], {"x": x}, ["a", "m"]),
+          {"x": x})
