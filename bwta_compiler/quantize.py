@@ -195,8 +195,14 @@ def _bwta_hf_attention(module, query, key, value, attention_mask, scaling=None, 
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
     is_causal = attention_mask is None and bool(causal) and query.shape[-2] > 1
-    out = core(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if kwargs.get("output_attentions") and isinstance(core, BWTAAttention):
+        # The model returns these as ``outputs.attentions``: the quantized probabilities P·V used
+        # (returning None gave an empty tuple without a word).
+        out, weights = core.attend(query, key, value, mask, is_causal, scaling, need_weights=True)
+    else:
+        out = core(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 # Attention-interface arguments the BWTA core does not implement (logit soft-capping, attention

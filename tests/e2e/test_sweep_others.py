@@ -9,6 +9,8 @@ window attention, Hugging Face MoE decoders): the cases that were wrong or unrep
   report counted the attention as BWTA;
 * nn.MultiheadAttention with add_bias_kv / add_zero_attn stayed entirely float (now BWTA, with the
   appended key/value rows and padded masks as torch has them);
+* ``output_attentions=True`` on a Hugging Face model routed to BWTA attention returned an empty
+  ``attentions`` tuple without a word (now the quantized probabilities P·V used);
 * MoE experts (stacked 3-d weights) and routers (``F.linear(x, self.weight)``) stayed float without
   a word in the quantize report, and their grouped MatMuls were missing from the compiled report's
   count.
@@ -243,3 +245,20 @@ def test_failed_graph_counts_grouped_matmuls():
     assert any("runs without bwta" in str(w.message) for w in caught)
     ops_seen = sorted(m.op for m in rep.graphs[0].matmuls)
     assert rep.lowbit == 0 and any("grouped" in o for o in ops_seen) and len(ops_seen) >= 10, ops_seen
+
+
+def test_hf_output_attentions_are_the_quantized_probabilities():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    q = bc.quantize(tf.LlamaForCausalLM(cfg).eval())
+    x = torch.randint(0, 90, (2, 7))
+    with torch.no_grad():
+        q(x)
+        out = q(x, output_attentions=True)
+        compiled = torch.compile(q, backend="bwta", options=EAGER)(x, output_attentions=True)
+    (att,) = out.attentions
+    core = q.model.layers[0].self_attn.bwta_core
+    assert att.shape == (2, 4, 7, 7) and set(att.unique().tolist()) <= {0.0, core.p_quant.scale.item()}
+    assert torch.equal(compiled.attentions[0], att) and torch.equal(compiled.logits, out.logits)
