@@ -88,3 +88,13 @@ def test_backend_binds_kernels_through_the_launch_ops(tmp_path) -> None:
     assert "bwta.linear_launch.default" in bound and "bwta.qbmm_launch.default" in bound
     assert "bwta.linear.default" not in bound
     assert set(launch_ops.LAUNCH) == {torch.ops.bwta.linear.default, torch.ops.bwta.qbmm.default}
+
+
+def test_launch_ops_pass_opcheck(cfg) -> None:
+    # Schema, fake tensor and AOT dispatch checks of the launch twins (as for every bwta:: op).
+    kern = _linear_kernel(cfg, 24, 100)
+    x, s = torch.randn(5, 100), torch.tensor(0.5)
+    w, scale, bias = formats.pack_binary_codes(torch.randn(24, 100)), torch.rand(24), torch.randn(24)
+    torch.library.opcheck(torch.ops.bwta.linear_launch.default,
+                          (x, s, None, "ternary", w, 100, scale, bias, None, 64, kern.name),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
