@@ -66,8 +66,9 @@ def setup_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations after compiling (default 3)")
     parser.add_argument("--float-model", metavar="PATH", default="",
-                        help="the float ONNX model to compare against (default: the imported model itself, "
-                             "with its MatMuls in float, compiled by inductor)")
+                        help="the float ONNX model to compare against (default: the same file compiled by "
+                             "inductor; a BWTA file then runs its ai.bwta ops as float GEMMs on the codes, the "
+                             "MatMul cost of the float model plus quantization, not the float model itself)")
     parser.epilog = "example: bwta bench model.onnx --seq 128 --iters 50"
     parser.set_defaults(func=run_bench)
 

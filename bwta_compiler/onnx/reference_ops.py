@@ -2,7 +2,7 @@
 oracle, independent of torch, for files written by :func:`bwta_compiler.onnx.export`.
 
 ``evaluator(path)`` returns a ``ReferenceEvaluator`` that knows the domain.  The arithmetic follows
-DESIGN.md: thresholds in fp32 rounded to the activation dtype, integer accumulation, then
+bwta_compiler/ops.py: thresholds in fp32 rounded to the activation dtype, integer accumulation, then
 ``float(acc) * scale + bias`` in fp32 (two roundings).  ``BinaryCode`` takes row means with NumPy's
 summation order, so it can differ from torch in the last bit of ``alpha`` (and in a code whose
 weight equals its row mean to the last bit); every other op is exact.

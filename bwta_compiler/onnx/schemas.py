@@ -13,7 +13,7 @@ Ops (inputs in order; ``?`` = optional; attributes after ``;``):
   ``pad_bits``), then ``float(acc) * Scale + Bias`` in fp32 and a cast to ``out_dtype``.
 
 Codes are integer values stored in X's float type.  Thresholds are computed in fp32 and compared
-in X's type (DESIGN.md "Arithmetic"): the ops are defined bit for bit by the ``bwta::`` torch ops.
+in X's type (bwta_compiler/ops.py): the ops are defined bit for bit by the ``bwta::`` torch ops.
 
 Each schema has a type and shape inference function: the code ops give ``Y`` the type and shape
 of ``X`` (``Codes`` those of ``W``, ``Alpha`` fp32 ``W.shape[:-1]``), ``Linear`` gives ``Y`` the
