@@ -246,10 +246,11 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
               if type(m).__name__.endswith(("SelfAttention", "Attention"))
               and not isinstance(m, (BWTAAttention, BWTAMultiheadAttention, AttentionCore, nn.MultiheadAttention))
               and not any(isinstance(c, nn.Module) and type(c).__name__.endswith("SelfAttention") for c in m.children())]
-    # Modules without a config cannot read the attention implementation (DeBERTa-v2's disentangled
-    # attention, MPNet's relative-position attention): they compute attention themselves, in float.
-    own = [ReportEntry(n, "attention", "float", f"{type(m).__name__} computes attention itself "
-                       "(not through transformers' AttentionInterface)")
+    # Modules without a config cannot read the attention implementation (Bloom's and MPT's ALiBi
+    # attention, DeBERTa-v2's disentangled attention, MPNet's relative-position attention): they
+    # compute attention themselves.  One plain attention (one Q·Kᵀ product, one softmax, one P·V
+    # product) has its MatMuls redirected to BWTA; anything more stays float.
+    own = [_own_attention_entry(model, n, m, config)
            for n, m in leaves if not hasattr(m, "config") and _computes_attention(m)]
     attn_modules = [(n, m) for n, m in leaves if hasattr(m, "config")]
     if not attn_modules:
@@ -285,6 +286,17 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
                 # Kept-float layers run the same function with a float core.
                 mod.bwta_core = _FloatCore()
     return own + entries
+
+
+def _own_attention_entry(model: nn.Module, name: str, mod: nn.Module, config: QuantConfig) -> ReportEntry:
+    """Redirect a Hugging Face module's self-computed attention to BWTA when it is one plain attention."""
+    why = f"{type(mod).__name__} computes attention itself (not through transformers' AttentionInterface)"
+    if not _single_attention(mod):
+        return ReportEntry(name, "attention", "float", why + " with more than one score product")
+    if not config.attention or config.choice(name) != "bwta":
+        return ReportEntry(name, "attention", "float", "kept float by rule")
+    _redirect(model, mod, config)
+    return ReportEntry(name, "attention", "bwta", why + "; matmul/softmax attention redirected")
 
 
 class _FloatCore(AttentionCore):
@@ -459,6 +471,51 @@ def _activations(operands: tuple) -> bool:
                for a in operands)
 
 
+def _redirect(model: nn.Module, mod: nn.Module, config: QuantConfig) -> None:
+    """Give ``mod`` a BWTA core and run its forward under :class:`_AttentionRedirect`."""
+    mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
+    original = mod.forward
+
+    def forward(*args, __orig=original, __mod=mod, **kwargs):
+        with _AttentionRedirect(__mod.bwta_core):
+            return __orig(*args, **kwargs)
+
+    mod.forward = forward
+
+
+_SCORE_PRODUCTS = ("matmul", "bmm", "baddbmm", "einsum")
+
+
+def _products(tree: ast.AST) -> int:
+    """Activation products written in ``tree``: ``a @ b``, ``matmul``/``bmm``/``baddbmm``/``einsum`` calls."""
+    def is_product(n: ast.AST) -> bool:
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult):
+            return True
+        f = getattr(n, "func", None) if isinstance(n, ast.Call) else None
+        return (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")) in _SCORE_PRODUCTS
+
+    return sum(is_product(n) for n in ast.walk(tree))
+
+
+def _single_attention(mod: nn.Module) -> bool:
+    """``forward`` computes exactly one attention: two products around one softmax, and calls no
+    method of its own that multiplies more (DeBERTa's disentangled c2p / p2c scores would each be
+    taken for Q·Kᵀ and share its quantizers)."""
+    src = _forward_source(mod)
+    if not src or src.count("softmax(") != 1:
+        return False
+    tree = ast.parse(src)
+    if _products(tree) != 2:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
+            method = getattr(type(mod), node.func.attr, None)
+            if inspect.isfunction(method) and _products(ast.parse(textwrap.dedent(inspect.getsource(method)))):
+                return False
+    return True
+
+
 def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:
     if _is_hf_model(model):
         return []
@@ -477,14 +534,7 @@ def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEnt
         if not config.attention or config.choice(name) != "bwta":
             entries.append(ReportEntry(name, "attention", "float", "kept float by rule"))
             continue
-        mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
-        original = mod.forward
-
-        def forward(*args, __orig=original, __mod=mod, **kwargs):
-            with _AttentionRedirect(__mod.bwta_core):
-                return __orig(*args, **kwargs)
-
-        mod.forward = forward
+        _redirect(model, mod, config)
         how = "F.scaled_dot_product_attention" if _calls_sdpa(mod) else "matmul/softmax attention"
         entries.append(ReportEntry(name or "<root>", "attention", "bwta", f"{how} redirected"))
     return entries

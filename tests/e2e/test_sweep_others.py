@@ -9,6 +9,8 @@ window attention, Hugging Face MoE decoders): the cases that were wrong or unrep
   report counted the attention as BWTA;
 * nn.MultiheadAttention with add_bias_kv / add_zero_attn stayed entirely float (now BWTA, with the
   appended key/value rows and padded masks as torch has them);
+* Hugging Face Bloom / MPT (ALiBi) and MPNet compute attention themselves and stayed float; one
+  plain attention like theirs is now redirected to BWTA (DeBERTa's disentangled one stays float);
 * ``output_attentions=True`` on a Hugging Face model routed to BWTA attention returned an empty
   ``attentions`` tuple without a word (now the quantized probabilities P·V used);
 * MoE experts (stacked 3-d weights) and routers (``F.linear(x, self.weight)``) stayed float without
@@ -30,14 +32,15 @@ from bwta_compiler import ops
 EAGER = {"fallback": "eager"}
 
 
-def _compile_and_compare(q, calls):
+def _compile_and_compare(q, calls, **kwargs):
     """Calibrate on the first call, compile, and check every call bitwise against the eager model."""
     with torch.no_grad():
-        q(*calls[0])
+        q(*calls[0], **kwargs)
         c = torch.compile(q, backend="bwta", options=EAGER)
         for args in calls:
-            ref, out = q(*args), c(*args)
-            ref, out = (ref.logits, out.logits) if hasattr(ref, "logits") else (ref, out)
+            ref, out = q(*args, **kwargs), c(*args, **kwargs)
+            for field in ("logits", "last_hidden_state"):
+                ref, out = (getattr(ref, field), getattr(out, field)) if hasattr(ref, field) else (ref, out)
             assert torch.equal(out, ref), (out - ref).abs().max()
     return bc.last_report()
 
@@ -262,3 +265,42 @@ def test_hf_output_attentions_are_the_quantized_probabilities():
     core = q.model.layers[0].self_attn.bwta_core
     assert att.shape == (2, 4, 7, 7) and set(att.unique().tolist()) <= {0.0, core.p_quant.scale.item()}
     assert torch.equal(compiled.attentions[0], att) and torch.equal(compiled.logits, out.logits)
+
+
+def _identity_codes(q: nn.Module) -> int:
+    """Make every redirected attention core's quantizers pass values through (codes = x, scale 1):
+    the redirected model must then compute the model's own float attention."""
+    cores = [m.bwta_core for m in q.modules() if hasattr(m, "bwta_core")]
+    for core in cores:
+        for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
+            quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
+    return len(cores)
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpnet"])
+def test_hf_self_computed_attention_is_redirected(name):
+    tf = pytest.importorskip("transformers")
+    from bwta_compiler.quantize import QuantConfig
+
+    torch.manual_seed(0)
+    if name == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=4)).eval()
+        keep_float, mask = r"(query_key_value|dense|lm_head|embed)", torch.ones(2, 7, dtype=torch.long)
+        mask[0, :2] = 0                       # left padding
+    else:
+        model = tf.MPNetModel(tf.MPNetConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4)).eval()
+        keep_float, mask = r"(\.q$|\.k$|\.v$|\.o$|dense|embed)", torch.ones(2, 7, dtype=torch.long)
+        mask[0, 5:] = 0                       # right padding
+    x = torch.randint(3, 90, (2, 7))
+    routed = bc.quantize(model, QuantConfig(rules=[(keep_float, "float")]))
+    assert _identity_codes(routed) == 1
+    with torch.no_grad():
+        ref, out = model(x, attention_mask=mask), routed(x, attention_mask=mask)
+    ref, out = (ref.logits, out.logits) if name == "bloom" else (ref.last_hidden_state, out.last_hidden_state)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    q = bc.quantize(model)
+    assert [e.choice for e in q.bwta_report if e.kind == "attention"] == ["bwta"], q.bwta_report
+    rep = _compile_and_compare(q, [(x,)], attention_mask=mask)
+    # Bloom: qkv, dense, 2 MLP, Q·Kᵀ, P·V (lm_head float); MPNet: q, k, v, o, 2 FFN, Q·Kᵀ, P·V (pooler float)
+    assert rep.lowbit == rep.total - 1 == (6 if name == "bloom" else 8), str(rep)
