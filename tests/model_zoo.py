@@ -54,3 +54,19 @@ class RawOpsModel(nn.Module):
         y = (cx @ cw.t()) * (alpha * self.s)                      # [B, T, 24]
         q = bw.ternary_code(y, self.sk, 1)
         return torch.bmm(q, q.transpose(1, 2)) * (self.sk * self.sk)
+
+
+def float_routed_mha(mha: nn.MultiheadAttention) -> nn.Module:
+    """``BWTAMultiheadAttention(mha)`` with float projections and a float core: it must equal ``mha``
+    (checks the routing, masks and head layout without any quantization)."""
+    import bwta_compiler as bc
+    from bwta_compiler.modules import AttentionCore
+
+    b = bc.BWTAMultiheadAttention(mha)
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        lin = getattr(b, name)
+        f = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        f.load_state_dict({"weight": lin.weight, **({"bias": lin.bias} if lin.bias is not None else {})})
+        setattr(b, name, f)
+    b.core = AttentionCore()
+    return b

@@ -24,6 +24,7 @@ from unittest import mock
 
 import pytest
 import torch
+from model_zoo import float_routed_mha
 from torch import nn
 
 import bwta_compiler as bc
@@ -115,13 +116,18 @@ def test_einsum_window_attention_is_quantized():
     rep = _compile_and_compare(q, calls)
     assert rep.lowbit == rep.total == 8, str(rep)        # qkv, proj, Q·Kᵀ, P·V; two batch sizes
     # The einsum spelling quantizes exactly like the matmul spelling of the same attention.
-    spelled = WindowAttention(einsum=False).eval()
-    spelled.load_state_dict(model.state_dict())
+    _same_as_spelled(q, model, WindowAttention(einsum=False), calls)
+
+
+def _same_as_spelled(quantized: nn.Module, model: nn.Module, spelled: nn.Module, calls: list) -> None:
+    """``quantized`` (``model`` quantized) equals the quantized ``spelled`` model, the same attention
+    written with other ops, given ``model``'s weights (the first call calibrates its scales)."""
+    spelled.eval().load_state_dict(model.state_dict())
     qm = bc.quantize(spelled)
     with torch.no_grad():
         qm(*calls[0])
         for args in calls:
-            torch.testing.assert_close(q(*args), qm(*args), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(quantized(*args), qm(*args), rtol=1e-5, atol=1e-5)
 
 
 class AlibiBaddbmm(nn.Module):
@@ -155,27 +161,7 @@ def test_baddbmm_alibi_attention_is_quantized():
     calls = [(torch.randn(2, 7, 32),), (torch.randn(2, 10, 32),)]
     rep = _compile_and_compare(q, calls)
     assert rep.lowbit == rep.total == 8, str(rep)        # qkv, dense, Q·Kᵀ, P·V; two lengths
-    spelled = AlibiBaddbmm(baddbmm=False).eval()
-    spelled.load_state_dict(model.state_dict())
-    qm = bc.quantize(spelled)
-    with torch.no_grad():
-        qm(*calls[0])
-        for args in calls:
-            torch.testing.assert_close(q(*args), qm(*args), rtol=1e-5, atol=1e-5)
-
-
-def _float_routed(mha: nn.MultiheadAttention) -> nn.Module:
-    """BWTAMultiheadAttention with float projections and a float core: must equal ``mha``."""
-    from bwta_compiler.modules import AttentionCore
-
-    b = bc.BWTAMultiheadAttention(mha)
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        lin = getattr(b, name)
-        f = nn.Linear(lin.in_features, lin.out_features)
-        f.load_state_dict({"weight": lin.weight, "bias": lin.bias})
-        setattr(b, name, f)
-    b.core = AttentionCore()
-    return b
+    _same_as_spelled(q, model, AlibiBaddbmm(baddbmm=False), calls)
 
 
 class _MHA(nn.Module):
@@ -199,7 +185,7 @@ def test_multihead_attention_bias_kv_and_zero_attn(kw):
     kpm[0, 5:] = True
     am = torch.zeros(5, 7, dtype=torch.bool)
     am[:, -1] = True
-    routed = _float_routed(mha)
+    routed = float_routed_mha(mha)
     with torch.no_grad():
         for masks in ({}, {"key_padding_mask": kpm, "attn_mask": am}, {"attn_mask": torch.randn(8, 5, 7)}):
             torch.testing.assert_close(routed(q, kv, kv, **masks)[0], mha(q, kv, kv, **masks)[0],

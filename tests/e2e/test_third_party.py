@@ -14,10 +14,11 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import float_routed_mha
 from torch import nn
 
 import bwta_compiler as bc
-from bwta_compiler.modules import AttentionCore, BWTALinear
+from bwta_compiler.modules import BWTALinear
 from bwta_compiler.quantize import QuantConfig, _FloatCore
 
 EAGER = {"fallback": "eager"}
@@ -268,13 +269,7 @@ def test_multihead_attention_unbatched():
 def test_multihead_attention_routing_keeps_float_semantics(batch_first):
     q, kv, kpm, am = _mha_inputs(batch_first, kdim=24)
     mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=24, vdim=24).eval()
-    b = bc.BWTAMultiheadAttention(mha)
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        lin = getattr(b, name)
-        f = nn.Linear(lin.in_features, lin.out_features)
-        f.load_state_dict({"weight": lin.weight, "bias": lin.bias})
-        setattr(b, name, f)
-    b.core = AttentionCore()
+    b = float_routed_mha(mha)
     am3 = torch.randn(2 * 4, 5, 7)
     bdim = 0 if batch_first else 1
     with torch.no_grad():
