@@ -7,7 +7,8 @@ generated kernel to a fused node it retargets the node to the launch twin of its
 schema (so fake shapes, the dump and the report read the same), defined with a plain
 ``torch.library.Library`` whose implementation calls the kernel directly (~3 us of dispatch).  The
 kernel's own wrapper checks dtypes and shapes; the quantizer scales are checked here once per
-scale tensor version, as ``bwta::linear`` / ``bwta::qbmm`` check them on every call.
+scale tensor and write (see tensor_stamp.py), as ``bwta::linear`` / ``bwta::qbmm`` check them on
+every call.
 
 Inference graphs only: the launch ops have no autograd formula (the backend never binds kernels
 into graphs that need gradients).
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from . import kernel_registry, reference
 from .ops import LIB, check_scalar_scale
+from .tensor_stamp import TensorStamp
 
 _lib = torch.library.Library(LIB, "FRAGMENT")
 _MAX_SEEN = 4096
@@ -38,11 +40,12 @@ _define_twin(torch.ops.bwta.qbmm.default, "qbmm_launch")
 
 
 class _CheckedScales:
-    """Quantizer scales already validated, by tensor identity and version (a graph's scales are
-    constants: each is checked on its first call, and again only after it is written to)."""
+    """Quantizer scales already validated, by tensor identity and stamp (a graph's scales are
+    constants: each is checked on its first call, and again only after it is written to or given
+    new storage; inference tensors, which cannot show a write, on every call)."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[Tensor, int]] = {}
+        self._seen: dict[int, tuple[Tensor, TensorStamp]] = {}
         self._lock = threading.Lock()
 
     def check(self, op: str, s: Tensor, b: Tensor | None) -> None:
@@ -50,15 +53,18 @@ class _CheckedScales:
             if t is None:
                 continue
             hit = self._seen.get(id(t))
-            if hit is not None and hit[0] is t and hit[1] == t._version:
+            if hit is not None and hit[0] is t and hit[1].matches(t):
                 continue
             check_scalar_scale(name, t, op, positive=positive)
+            stamp = TensorStamp(t)
+            if not stamp.tracks_writes:      # an inference tensor: checked on every call
+                continue
             with self._lock:
                 # Holding the tensor keeps its id from being reused by another one; scales are
                 # one-element buffers, a graph has a few dozen, and the table is bounded.
                 if len(self._seen) >= _MAX_SEEN:
                     self._seen.clear()
-                self._seen[id(t)] = (t, t._version)
+                self._seen[id(t)] = (t, stamp)
 
 
 _SCALES = _CheckedScales()

@@ -25,6 +25,8 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import GraphModule
 
+from .tensor_stamp import TensorStamp
+
 # Packed sets kept per compiled graph (instances or weight versions in use at once).
 MAX_BOUND_SETS = 8
 
@@ -63,16 +65,16 @@ def lift_constants(gm: GraphModule, fake_inputs: Sequence[Any]) -> tuple[list[st
 class _BoundSet:
     """The packed tensors for one set of parameter tensors (by identity, version and storage)."""
 
-    __slots__ = ("refs", "stamps", "extra")
+    __slots__ = ("extra", "refs", "stamps")
 
     def __init__(self, params: Sequence[torch.Tensor], extra: list[torch.Tensor]) -> None:
         self.refs = [weakref.ref(p) for p in params]
-        self.stamps = [(p._version, p.data_ptr()) for p in params]
+        self.stamps = [TensorStamp(p) for p in params]
         self.extra = extra
 
     def matches(self, params: Sequence[torch.Tensor]) -> bool:
         # The weak reference makes a new tensor that reuses a dead one's id and address a miss.
-        return all(r() is p and s == (p._version, p.data_ptr()) for r, s, p in zip(self.refs, self.stamps, params))
+        return all(r() is p and s.matches(p) for r, s, p in zip(self.refs, self.stamps, params))
 
 
 class WeightBinder:

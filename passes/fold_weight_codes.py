@@ -15,6 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from bwta_compiler import formats, ops
+from bwta_compiler.tensor_stamp import TensorStamp
 
 from .context import FoldedWeight, PassContext
 from .patterns import bwta, is_call
@@ -33,16 +34,16 @@ def _forget(ref: weakref.ref, ident: int) -> None:
 
 def pack_weight(w: torch.Tensor, pad_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed words [N, Kw] int32, alpha [N] fp32) of a float weight [N, K]."""
-    key = (w._version, w.data_ptr(), pad_bits, w.dtype, tuple(w.shape))
+    key = (pad_bits, w.dtype, tuple(w.shape))
     hit = _PACKED.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == key:
+    if hit is not None and hit[0]() is w and hit[1] == key and hit[4].matches(w):
         # Copies: each graph owns its constants (the run-time repack writes into them in place).
         return hit[2].clone(), hit[3].clone()
     with torch.no_grad():
         codes, alpha = ops.binary_code_eager(w.detach())
         packed, alpha = formats.pack_binary_codes(codes, pad_bits).contiguous(), alpha.contiguous()
     ident = id(w)
-    _PACKED[ident] = (weakref.ref(w, lambda r, i=ident: _forget(r, i)), key, packed, alpha)
+    _PACKED[ident] = (weakref.ref(w, lambda r, i=ident: _forget(r, i)), key, packed, alpha, TensorStamp(w))
     return packed.clone(), alpha.clone()
 
 

@@ -31,6 +31,7 @@ from bwta_compiler import codegen, formats
 from bwta_compiler.fused_attention import FusedAttentionParams, exp_table, score_scale
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
+from bwta_compiler.tensor_stamp import TensorStamp
 
 from . import compile_cuda
 
@@ -304,8 +305,9 @@ class _Thresholds:
         key = (act, id(s), id(b), dtype, str(device))
         hit = self._cache.get(key)
         if hit is not None:
-            s_ref, s_ver, b_ref, b_ver, t = hit
-            if s_ref() is s and s_ver == s._version and (b is None or (b_ref() is b and b_ver == b._version)):
+            s_ref, s_stamp, b_ref, b_stamp, t = hit
+            if (s_ref() is s and s_stamp.tracks_writes and s_stamp.matches(s)
+                    and (b is None or (b_ref() is b and b_stamp.tracks_writes and b_stamp.matches(b)))):
                 return t
         if act == "ternary":
             t = ternary_thresholds(s, 1, dtype)
@@ -316,8 +318,8 @@ class _Thresholds:
         t = t.float().reshape(1).to(device).contiguous()
         if len(self._cache) > 512:
             self._cache.clear()
-        self._cache[key] = (weakref.ref(s), s._version, None if b is None else weakref.ref(b),
-                            None if b is None else b._version, t)
+        self._cache[key] = (weakref.ref(s), TensorStamp(s), None if b is None else weakref.ref(b),
+                            None if b is None else TensorStamp(b), t)
         return t
 
 

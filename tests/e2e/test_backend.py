@@ -431,3 +431,40 @@ def test_half_precision_models_bitwise(dtype):
         out = _compile(m)(ids, mask)
         assert out.dtype == dtype and torch.equal(out, m(ids, mask))
     assert bc.last_report().lowbit == 8
+
+
+def test_model_made_under_inference_mode_runs_low_bit():
+    # Parameters and buffers created under torch.inference_mode() are inference tensors, which have
+    # no version counter: weight folding read it and the whole graph ran without bwta (0 of 8).
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        m = bc.quantize(Encoder(EncoderConfig.tiny(layers=1))).eval()
+        ids = torch.randint(0, 1000, (2, 6))
+        want = m(ids)
+        compiled = _compile(m)
+        assert torch.equal(compiled(ids), want)
+        assert bc.last_report().lowbit == bc.last_report().total == 8, str(bc.last_report())
+        # The scales are checked on every call (no version to memoise on): a bad one still raises.
+        next(mod for mod in m.modules() if isinstance(mod, bc.TernaryQuantizer)).scale.fill_(float("nan"))
+        with pytest.raises(ValueError, match="must be finite"):
+            compiled(ids)
+
+
+def test_new_storage_at_the_old_address_is_seen():
+    # m.to(float64).to(float32) frees a parameter's storage and often gets the same block back: a
+    # data-pointer stamp then missed the change (stale packed weights); a quantizer scale given new
+    # storage through .data keeps its version, and the memoised threshold missed it too.
+    torch.manual_seed(0)
+    for _ in range(10):
+        m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
+        x = torch.randn(4, 32)
+        _calibrated(m, x)
+        c = _compile(m)
+        with torch.no_grad():
+            assert torch.equal(c(x), m(x))
+            m[0].weight.data.mul_(-1.0)
+            m.to(torch.float64).to(torch.float32)
+            assert torch.equal(c(x), m(x))
+            scale = m[0].act.scale
+            scale.data = scale.data * 3
+            assert torch.equal(c(x), m(x))
