@@ -16,14 +16,12 @@ into graphs that need gradients).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from . import kernel_registry, reference
 from .ops import LIB, check_scalar_scale
-from .tensor_stamp import TensorStamp
+from .tensor_stamp import StampedMemo
 
 _lib = torch.library.Library(LIB, "FRAGMENT")
 _MAX_SEEN = 4096
@@ -40,31 +38,19 @@ _define_twin(torch.ops.bwta.qbmm.default, "qbmm_launch")
 
 
 class _CheckedScales:
-    """Quantizer scales already validated, by tensor identity and stamp (a graph's scales are
-    constants: each is checked on its first call, and again only after it is written to or given
-    new storage; inference tensors, which cannot show a write, on every call)."""
+    """Quantizer scales already validated (a graph's scales are constants: each is checked on its
+    first call, and again only after it is written to or given new storage; inference tensors,
+    which cannot show a write, on every call: see StampedMemo)."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[Tensor, TensorStamp]] = {}
-        self._lock = threading.Lock()
+        self._seen = StampedMemo(_MAX_SEEN)
 
     def check(self, op: str, s: Tensor, b: Tensor | None) -> None:
         for name, t, positive in (("s", s, True), ("b", b, False)):
-            if t is None:
-                continue
-            hit = self._seen.get(id(t))
-            if hit is not None and hit[0] is t and hit[1].matches(t):
+            if t is None or self._seen.get((), (t,)) is not StampedMemo.MISS:
                 continue
             check_scalar_scale(name, t, op, positive=positive)
-            stamp = TensorStamp(t)
-            if not stamp.tracks_writes:      # an inference tensor: checked on every call
-                continue
-            with self._lock:
-                # Holding the tensor keeps its id from being reused by another one; scales are
-                # one-element buffers, a graph has a few dozen, and the table is bounded.
-                if len(self._seen) >= _MAX_SEEN:
-                    self._seen.clear()
-                self._seen[id(t)] = (t, stamp)
+            self._seen.put((), (t,), True)
 
 
 _SCALES = _CheckedScales()

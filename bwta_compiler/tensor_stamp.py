@@ -15,6 +15,8 @@ notice when a parameter changes:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -44,3 +46,39 @@ class TensorStamp:
         # While the stamped storage lives no other storage can start at its address, so an equal
         # data pointer means the same storage; once it is freed, a new one there is a change.
         return self.ptr == t.data_ptr() and self.version == tensor_version(t) and not self.storage.expired()
+
+
+_MISS = object()
+
+
+class StampedMemo:
+    """Values computed from a few tensors (quantizer scales), reused while those same tensors show
+    no change (:class:`TensorStamp`); inference tensors, whose writes cannot be seen, are never
+    memoised.  Bounded: cleared when ``limit`` entries are reached.  Tensors are held weakly, so a
+    new tensor that reuses a dead one's id is a miss."""
+
+    MISS = _MISS
+
+    def __init__(self, limit: int) -> None:
+        self._entries: dict[tuple, tuple] = {}
+        self._limit = limit
+
+    def get(self, key: tuple, tensors: tuple[torch.Tensor | None, ...]) -> object:
+        """The value stored for ``key`` and these tensors, or :attr:`MISS`."""
+        hit = self._entries.get((*key, *map(id, tensors)))
+        if hit is None:
+            return _MISS
+        refs, stamps, value = hit
+        for ref, stamp, t in zip(refs, stamps, tensors):
+            if t is not None and (ref() is not t or not stamp.matches(t)):
+                return _MISS
+        return value
+
+    def put(self, key: tuple, tensors: tuple[torch.Tensor | None, ...], value: object) -> None:
+        stamps = tuple(None if t is None else TensorStamp(t) for t in tensors)
+        if any(s is not None and not s.tracks_writes for s in stamps):
+            return
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._entries[(*key, *map(id, tensors))] = (refs, stamps, value)

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import math
 import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,7 +30,7 @@ from bwta_compiler import codegen, formats
 from bwta_compiler.fused_attention import FusedAttentionParams, exp_table, score_scale
 from bwta_compiler.kernels import GemmParams
 from bwta_compiler.ops import bool_thresholds, ternary_thresholds
-from bwta_compiler.tensor_stamp import TensorStamp
+from bwta_compiler.tensor_stamp import StampedMemo
 
 from . import compile_cuda
 
@@ -294,21 +293,18 @@ def _launch(fn, grid: tuple[int, int, int], block: int, args: list[tuple[Any, ty
 
 
 class _Thresholds:
-    """Device-side one-element thresholds, cached per scale tensor object (weakly referenced, so a
-    freed tensor whose memory is reused never hits) and its version counter: no host sync."""
+    """Device-side one-element thresholds, cached per scale tensor while it is unchanged (see
+    StampedMemo): no host sync."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, tuple] = {}
+        self._cache = StampedMemo(512)
 
     def get(self, act: str, s: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-        key = (act, id(s), id(b), dtype, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            s_ref, s_stamp, b_ref, b_stamp, t = hit
-            if (s_ref() is s and s_stamp.tracks_writes and s_stamp.matches(s)
-                    and (b is None or (b_ref() is b and b_stamp.tracks_writes and b_stamp.matches(b)))):
-                return t
+        key = (act, dtype, str(device))
+        hit = self._cache.get(key, (s, b))
+        if hit is not StampedMemo.MISS:
+            return hit
         if act == "ternary":
             t = ternary_thresholds(s, 1, dtype)
         elif act == "bool":
@@ -316,10 +312,7 @@ class _Thresholds:
         else:
             t = torch.zeros(1, device=s.device)
         t = t.float().reshape(1).to(device).contiguous()
-        if len(self._cache) > 512:
-            self._cache.clear()
-        self._cache[key] = (weakref.ref(s), TensorStamp(s), None if b is None else weakref.ref(b),
-                            None if b is None else TensorStamp(b), t)
+        self._cache.put(key, (s, b), t)
         return t
 
 
