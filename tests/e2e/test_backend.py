@@ -214,13 +214,18 @@ def test_debug_dump_training_graphs_and_a_second_run(tmp_path):
     assert "training graph" in (tmp_path / dumped[1] / "report.txt").read_text()
 
 
-@pytest.mark.parametrize("fallback", ["eager", "inductor"])
-def test_weight_changed_in_place_is_repacked(fallback):
-    # Inductor keeps its own copies of graph constants: the packed weights must reach it as inputs.
+def _compiled_linear(fallback: str = "eager"):
+    """(quantized one-layer model, calibrating input, the model compiled): the weight-change tests."""
     m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
     x = torch.randn(4, 32)
     _calibrated(m, x)
-    c = torch.compile(m, backend="bwta", options={"fallback": fallback})
+    return m, x, torch.compile(m, backend="bwta", options={"fallback": fallback})
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_weight_changed_in_place_is_repacked(fallback):
+    # Inductor keeps its own copies of graph constants: the packed weights must reach it as inputs.
+    m, x, c = _compiled_linear(fallback)
     with torch.no_grad():
         assert torch.equal(c(x), m(x))
         m[0].weight.mul_(-1.0).add_(0.01)
@@ -230,10 +235,7 @@ def test_weight_changed_in_place_is_repacked(fallback):
 def test_weight_storage_swapped_is_repacked():
     """``p.data = t`` and ``model.to(dtype)`` round trips give a parameter new storage without moving
     its version counter: the data pointer catches them."""
-    m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
-    x = torch.randn(4, 32)
-    _calibrated(m, x)
-    c = _compile(m)
+    m, x, c = _compiled_linear()
     with torch.no_grad():
         assert torch.equal(c(x), m(x))
         m[0].weight.data = torch.randn(16, 32)
@@ -456,10 +458,7 @@ def test_new_storage_at_the_old_address_is_seen():
     # storage through .data keeps its version, and the memoised threshold missed it too.
     torch.manual_seed(0)
     for _ in range(10):
-        m = bc.quantize(nn.Sequential(nn.Linear(32, 16)))
-        x = torch.randn(4, 32)
-        _calibrated(m, x)
-        c = _compile(m)
+        m, x, c = _compiled_linear()
         with torch.no_grad():
             assert torch.equal(c(x), m(x))
             m[0].weight.data.mul_(-1.0)
