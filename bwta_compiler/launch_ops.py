@@ -47,10 +47,10 @@ class _CheckedScales:
 
     def check(self, op: str, s: Tensor, b: Tensor | None) -> None:
         for name, t, positive in (("s", s, True), ("b", b, False)):
-            if t is None or self._seen.get((), (t,)) is not StampedMemo.MISS:
+            if t is None or self._seen.get((positive,), (t,)) is not StampedMemo.MISS:
                 continue
             check_scalar_scale(name, t, op, positive=positive)
-            self._seen.put((), (t,), True)
+            self._seen.put((positive,), (t,), True)
 
 
 _SCALES = _CheckedScales()

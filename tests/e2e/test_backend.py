@@ -234,7 +234,7 @@ def test_weight_changed_in_place_is_repacked(fallback):
 
 def test_weight_storage_swapped_is_repacked():
     """``p.data = t`` and ``model.to(dtype)`` round trips give a parameter new storage without moving
-    its version counter: the data pointer catches them."""
+    its version counter: the storage stamp (tensor_stamp.TensorStamp) catches them."""
     m, x, c = _compiled_linear()
     with torch.no_grad():
         assert torch.equal(c(x), m(x))
