@@ -260,7 +260,11 @@ def test_rendered_linear_source_anchors() -> None:
     two_col = cpu.make_source(dataclasses.replace(p, tile_m=3, tile_n=2))
     _check_order(two_col, ["static void tile_full_store(", "sum_total4(s2[i][0], s2[i][1], s2[i1][0], s2[i1][1])",
                            "_mm_sub_epi32(base, _mm_slli_epi32(t, 1))", "y = _mm_mul_ps(y, sc);",
-                           "y = _mm_add_ps(y, bi);", "static void gemm_block(", "tile_full_store(a + m0 * A_RS"])
+                           "y = _mm_add_ps(y, bi);", "static void row_store4(", "row_counts4(a, b, &n1, &n2);",
+                           "_mm_loadu_ps(scale + n0)", "_mm_loadu_ps(bias + n0)", "static void gemm_block(",
+                           "const i64 m_full = m / TILE_M * TILE_M;", "row_store4(a + r * A_RS",
+                           "tile_full_store(a + m0 * A_RS"])
+    assert "row_store4" not in cpu.make_source(p)  # decode rows: only with the two-column vector tile
     portable = cpu.make_source(dataclasses.replace(p, isa="portable"))
     _check_order(portable, ["#define BWTA_ISA BWTA_ISA_PORTABLE", "#define A_PLANES 2", "dst[KW64 + wi] = lo;",
                             "bv_and_xor(x0[i], x1[i], y0)", "sc_and_xor(x0[i], x1[i], y0)"])
