@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from bwta_compiler.reference import QBMM_VARIANTS
 
@@ -97,6 +98,34 @@ def _is_batch_broadcast(op: Node, kn: tuple) -> bool:
     return op.target in _BROADCAST_OPS and val is not None and val.dim() >= 2 and tuple(val.shape[-2:]) == kn
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _batch_merge_tail(src: Node, chain: list[Node]) -> tuple[int, Node] | None:
+    """(length, reshape node) of the ops ending ``chain`` that only fold two or more leading batch
+    dims into one (``clone`` + ``reshape`` [B, H, R, C] -> [B*H, R, C]: how a 4-d matmul lowers to
+    bmm).  The qbmm kernels read a two-level batch through its strides, so without this tail a
+    head-split, permuted attention operand reaches them without the copy the clone makes."""
+    if not chain or chain[-1].target not in _RESHAPES:
+        return None
+    n = 2 if len(chain) >= 2 and chain[-2].target in (aten.clone.default, aten.contiguous.default) else 1
+    before = meta_val(chain[-n - 1]) if len(chain) > n else meta_val(src)
+    after = meta_val(chain[-1])
+    if before is None or after is None or before.dim() < 4 or after.dim() != 3:
+        return None
+    folded = 1
+    for d in before.shape[:-2]:
+        folded = folded * d
+    if not _same_dims((folded, *before.shape[-2:]), after.shape):
+        return None
+    return n, chain[-1]
+
+
+def _same_dims(a, b) -> bool:
+    """Equal sizes, provably so without adding guards (dims may be symbolic: a dynamic sequence)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def _weight_of(b: Node) -> tuple[Node, int] | None:
     """(packed-words get_attr node, K) when ``b`` is ``t(unpack_binary(get_attr))``, optionally
     broadcast along leading batch dims."""
@@ -143,6 +172,7 @@ def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> str | None:
     out_val = meta_val(mm)
     x_val = meta_val(x)
     weight = _weight_of(b)
+    unfold = False
     if weight is not None:
         packed, k = weight
         xa = _replay(gm, x, a_chain, mm)
@@ -161,18 +191,34 @@ def _fuse_one(gm: GraphModule, mm: Node, ctx: PassContext) -> str | None:
         variant = QBMM_VARIANTS.get((a_act, b_act))
         if variant is None:
             return f"no low-bit variant for {a_act} x {b_act}"
-        xa = _replay(gm, x, a_chain, mm)
-        xb = _replay(gm, b_src.args[0], b_chain, mm)
+        a_tail, b_tail = _batch_merge_tail(a_src, a_chain), _batch_merge_tail(b_src, b_chain)
+        # Both operands keep their batch dims (or neither): the kernel takes them strided, and the
+        # fused result is folded back to the bmm's [B*H, M, N] by a reshape (a view: it is contiguous).
+        unfold = a_tail is not None and b_tail is not None and \
+            _same_dims(meta_val(a_tail[1].args[0]).shape[:-2], meta_val(b_tail[1].args[0]).shape[:-2])
+        xa = _replay(gm, x, a_chain[:-a_tail[0]] if unfold else a_chain, mm)
+        xb = _replay(gm, b_src.args[0], b_chain[:-b_tail[0]] if unfold else b_chain, mm)
         sb, bb = code_scale_args(b_src)
         with gm.graph.inserting_before(mm):
             fused = gm.graph.call_function(bwta.qbmm.default, (xa, a_act, s, boff, xb, b_act, sb, bb, True), {
                 "out_dtype": out_val.dtype, "pad_bits": ctx.cfg.pad_bits})
+            if unfold:
+                # [-1, M, N] with M and N as the operands' own reshapes spelled them (ints or sizes)
+                folded = gm.graph.call_function(aten.reshape.default, (
+                    fused, [-1, a_tail[1].args[1][-2], b_tail[1].args[1][-1]]))
+                folded.meta["val"] = out_val
         spec = FusedSpec("qbmm", variant, a_act, b_act, _static(meta_val(a).shape[-1]),
                          _static(out_val.shape[-1]), _dtype_name(x_val.dtype), _dtype_name(out_val.dtype),
                          b_kn=True, b_dtype=_dtype_name(meta_val(b_src.args[0]).dtype), source=mm.name)
-    fused.meta["val"] = out_val
+    result = fused
+    if spec.op == "qbmm" and unfold:
+        batch = meta_val(a_tail[1].args[0]).shape[:-2]
+        fused.meta["val"] = out_val.new_empty((*batch, *out_val.shape[-2:]))
+        result = folded
+    else:
+        fused.meta["val"] = out_val
     fused.meta["bwta"] = spec
-    mm.replace_all_uses_with(fused)
+    mm.replace_all_uses_with(result)
     gm.graph.erase_node(mm)
     ctx.record(mm.name, lowbit=True, variant=spec.variant, reason="")
     ctx.counters[f"fuse_lowbit_matmul.{spec.variant}"] += 1

@@ -53,7 +53,7 @@ _LINEAR_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _PACK_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_int]
-_QBMM_ARGS = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2 \
+_QBMM_ARGS = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 12 + [ctypes.c_float] * 2 \
     + [ctypes.c_void_p] * 7 + [ctypes.c_int]
 _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float] * 2 \
     + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -357,21 +357,21 @@ class LoadedKernel:
         scale, bias = self._epilogue_args(scale, bias, n, out_dtype)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m = a.shape[-2]
-        a3 = a.detach().expand(*batch, m, p.k).reshape(-1, m, p.k).contiguous()
-        b3 = b.detach().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        nb = a3.shape[0]
         out = empty_output((*batch, m, n), _DTYPES[p.out_dtype])
         if out.numel() == 0:
             return out
+        # Both operands are read where they lie (head-split, permuted, broadcast): no copies.
+        a4, b4 = _two_level_batch(a, batch), _two_level_batch(b, batch)
+        nb, nb2 = a4.shape[0] * a4.shape[1], a4.shape[1]
         # Element (i, n, k) of B: [.., N, K] strides as they are; [.., K, N] read column-wise.
-        bs, r_s, c_s = b3.stride()
-        b_strides = (bs, c_s, r_s) if p.b_kn else (bs, r_s, c_s)
+        bs, bs2, r_s, c_s = b4.stride()
+        b_strides = (bs, bs2, c_s, r_s) if p.b_kn else (bs, bs2, r_s, c_s)
         kw64 = p.kw // 2
         wa = self._buffer("wa", nb * m * _PLANES[p.a_act] * kw64, torch.int64)
         pa = self._buffer("pa", nb * m, torch.int32)
         wb = self._buffer("wb", nb * n * _PLANES[p.b_act] * kw64, torch.int64)
         pb = self._buffer("pb", nb * n, torch.int32)
-        self._lib.bwta_qbmm(a3.data_ptr(), b3.data_ptr(), nb, m, n, *b_strides,
+        self._lib.bwta_qbmm(a4.data_ptr(), b4.data_ptr(), nb, nb2, m, n, *a4.stride(), *b_strides,
                             self._threshold(p.a_act, a_s, a_b, a.dtype), self._threshold(p.b_act, b_s, b_b, b.dtype),
                             _ptr(scale), _ptr(bias), out.data_ptr(), wa.data_ptr(), pa.data_ptr(), wb.data_ptr(),
                             pb.data_ptr(), self._threads())
@@ -406,6 +406,16 @@ class LoadedKernel:
                                  self._threshold(p.b_act, b_s, b_b, b.dtype),
                                  _ptr(scale), _ptr(bias), out.data_ptr(), self._threads())
         return out
+
+
+def _two_level_batch(t: Tensor, batch: torch.Size) -> Tensor:
+    """``t`` [..., R, C] broadcast to ``batch`` leading dims as a 4-d [nb1, nb2, R, C] view: the
+    kernels take a two-level batch (batch x heads) with any strides, so a head-split or permuted
+    attention operand costs no copy.  Only a third batch dim that cannot merge with the first copies."""
+    e = t.detach().expand(*batch, *t.shape[-2:])
+    if len(batch) < 2:
+        return e.reshape((1,) * (2 - len(batch)) + tuple(e.shape))  # new size-1 dims: always a view
+    return e.reshape(-1, *e.shape[-3:])  # merges leading batch dims: a view when their strides allow
 
 
 def _plain_f32(t: Tensor | None, expected: bool, numel: int) -> bool:

@@ -160,6 +160,34 @@ def test_qbmm_reads_strided_b(cfg) -> None:
     assert torch.equal(kern(a, a_s, a_b, b_t, b_s, b_b, scale, None, None), want)
 
 
+
+@pytest.mark.parametrize("variant", ["tt", "ut"])
+def test_qbmm_reads_head_split_and_broadcast_operands(cfg, variant: str) -> None:
+    """Attention operands as a model hands them over: heads split out of [B, S, H*D] and permuted
+    (no copy), K/V shared by a group of query heads (stride-0 broadcast), three batch dims."""
+    a_act = "ternary" if variant == "tt" else "bool"
+    kern = cpu.load_kernel(cpu_params(variant, a_act, "ternary", 0, 100, 0, "float32", "float32", cfg,
+                                      scale_per_col=False, b_kn=True), cfg)
+    a_s, b_s, scale = torch.tensor(0.6), torch.tensor(0.8), torch.tensor([0.37])
+    a_b = torch.tensor(0.1) if a_act == "bool" else None
+    bsz, s, heads, kv_heads, d = 2, 7, 6, 3, 100
+    for a, b in [
+        # [B, S, H*D] -> [B, H, S, D] and [B, H, D, S] (Kᵀ / Vᵀ read column-wise): permuted views
+        (_rand((bsz, s, heads * d), torch.float32).view(bsz, s, heads, d).transpose(1, 2),
+         _rand((bsz, 9, heads * d), torch.float32).view(bsz, 9, heads, d).permute(0, 2, 3, 1)),
+        # grouped-query: 3 K/V heads expanded to 6 query heads (stride 0 along the group)
+        (_rand((bsz, kv_heads, 2, s, d), torch.float32),
+         _rand((bsz, kv_heads, 1, d, 9), torch.float32).expand(bsz, kv_heads, 2, d, 9)),
+        # broadcast over the batch, and a plain 3-d / 2-d pair
+        (_rand((bsz, heads, s, d), torch.float32), _rand((1, heads, d, 9), torch.float32)),
+        (_rand((heads, s, d), torch.float32), _rand((d, 9), torch.float32)),
+    ]:
+        if a_act == "bool":
+            a = a.abs()
+        want = reference.qbmm_reference(a, a_act, a_s, a_b, b, "ternary", b_s, None, True, scale, None, None, 64)
+        got = kern(a, a_s, a_b, b, b_s, None, scale, None, None)
+        assert got.shape == want.shape and torch.equal(got, want), f"{tuple(a.shape)} x {tuple(b.shape)}"
+
 # ---- through the fused op and the registry ------------------------------------------------
 
 
@@ -255,7 +283,7 @@ def test_rendered_linear_source_anchors() -> None:
         "cnt_add_nib(c2[i][j], bv_and(x0[i], sw), bv_and(x1[i], bv_srl4(sw)))",
         "sum_drain(s2[i][j], c2[i][j])", "sc_and_xor(sc_unnib(x0[i], x1[i]), x2[i], y0)",
         "return (i64)apop - 2 * t2;", "t2[i][j] += sum_total(s2[i][j]);",
-        "void bwta_linear(", "a_pack(x, 1, m", "#pragma omp parallel", "gemm_block(", "void bwta_pack("])
+        "void bwta_linear(", "a_pack(x, 1, 1, m", "#pragma omp parallel", "gemm_block(", "void bwta_pack("])
     assert "tile_full_store" not in cpu.make_source(p)  # 3 columns: the scalar epilogue
     two_col = cpu.make_source(dataclasses.replace(p, tile_m=3, tile_n=2))
     _check_order(two_col, ["static void tile_full_store(", "sum_total4(s2[i][0], s2[i][1], s2[i1][0], s2[i1][1])",
@@ -274,7 +302,7 @@ def test_rendered_linear_source_anchors() -> None:
 @pytest.mark.parametrize("variant,anchors", [
     ("tt", ["static void a_pack_row", "static void b_pack_row", "bv_and(x0[i], y0)", "bv_and_xor(both, x1[i], y1)",
             "return t1 - 2 * t2;", "void bwta_qbmm("]),
-    ("ut", ["static void b_pack_row", "bv_and(x0[i], y1)", "return t1 - 2 * t2;", "b_pack(b, nb, n"]),
+    ("ut", ["static void b_pack_row", "bv_and(x0[i], y1)", "return t1 - 2 * t2;", "b_pack(b, nb, nb2, n, b_bs, b_bs2"]),
     ("bb", ["fv_nge0(v)", "bv_xor(x0[i], y0)", "return (i64)K - 2 * t2;", "void bwta_qbmm("]),
 ])
 def test_rendered_qbmm_source_anchors(variant: str, anchors: list[str]) -> None:

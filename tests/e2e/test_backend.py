@@ -1,6 +1,7 @@
 """torch.compile(backend="bwta"): capture, rewrite counts, compiled == eager, fallbacks, report,
 debug dump, dynamic token dimension, weight changes, freeze."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -331,6 +332,33 @@ def test_dynamic_token_dimension_no_recompile_per_length():
             assert torch.equal(c(ids), m(ids))
     # a static graph for the first length, then one dynamic graph for all others
     assert len(bc.last_report().graphs) <= 2
+
+
+def test_attention_operands_reach_the_kernels_without_copies(tmp_path):
+    """Q, Kᵀ, P and V are head-split, permuted views; the 4-d matmul's aten lowering copies them
+    (expand -> clone -> reshape to [B*H, S, D]) before its bmm.  The fused attention MatMuls take
+    the views themselves (the kernels read a two-level batch through its strides): no clone feeds
+    a qbmm, for a static and for a dynamic sequence length, and the results stay bitwise."""
+    m = bc.quantize(Encoder(EncoderConfig.tiny()))
+    _calibrated(m, torch.randint(0, 1000, (2, 7)))
+    c = _compile(m, debug_dir=str(tmp_path))
+    with torch.no_grad():
+        for t in (7, 20):
+            ids = torch.randint(0, 1000, (2, t))
+            assert torch.equal(c(ids), m(ids))
+    graphs = sorted(tmp_path.glob("graph_*/*_bound_kernels.py"))
+    assert len(graphs) == 2
+    for path in graphs:
+        code = path.read_text()
+        # name -> (aten op, first argument) of every aten call in the bound graph
+        defs = {name: (op, arg) for name, op, arg in re.findall(
+            r"^\s*(\w+)(?::[^=]*)? = torch\.ops\.aten\.(\w+)\.\w+\((\w+)", code, re.M)}
+        calls = re.findall(r"torch\.ops\.bwta\.qbmm(?:_launch)?\.default\((\w+), '\w+', \w+, \w+, (\w+),", code)
+        assert len(calls) == 4, path                     # Q·Kᵀ and P·V in each of two layers
+        for name in (n for pair in calls for n in pair):
+            while name in defs and defs[name][0] in ("view", "reshape", "expand", "permute", "transpose", "clone"):
+                assert defs[name][0] != "clone", f"{path.name}: a clone feeds a qbmm operand"
+                name = defs[name][1]
 
 
 def test_freeze_drops_float_weights_and_roundtrips(tmp_path):
