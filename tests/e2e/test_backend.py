@@ -352,7 +352,7 @@ def test_attention_operands_reach_the_kernels_without_copies(tmp_path):
         code = path.read_text()
         # name -> (aten op, first argument) of every aten call in the bound graph
         defs = {name: (op, arg) for name, op, arg in re.findall(
-            r"^\s*(\w+)(?::[^=]*)? = torch\.ops\.aten\.(\w+)\.\w+\((\w+)", code, re.M)}
+            r"^\s*(\w+)(?::[^=]*)? = torch\.ops\.aten\.(\w+)\.\w+\((\w+)", code, re.MULTILINE)}
         calls = re.findall(r"torch\.ops\.bwta\.qbmm(?:_launch)?\.default\((\w+), '\w+', \w+, \w+, (\w+),", code)
         assert len(calls) == 4, path                     # Q·Kᵀ and P·V in each of two layers
         for name in (n for pair in calls for n in pair):
