@@ -43,8 +43,17 @@ class _ScaleQuantizer(nn.Module):
         self._init_done = bool(self.initialized)
 
     def init_from(self, x: Tensor) -> None:
-        """LSQ initialisation ``2 * mean|x| / sqrt(Qp)`` from a calibration tensor."""
+        """LSQ initialisation ``2 * mean|x| / sqrt(Qp)`` from a calibration tensor's finite values
+        (a fully masked attention row has NaN probabilities: one such row made every scale NaN
+        and the first forward failed inside a code op)."""
         with torch.no_grad():
+            x = x.detach()
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                x = x[finite]
+                if x.numel() == 0:
+                    raise ValueError(f"bwta: {type(self).__name__} calibration input {tuple(finite.shape)} has no "
+                                     "finite value (all NaN/inf): cannot initialise its scale")
             self.scale.copy_(self._init_value(x))
             self.initialized.fill_(True)
         self._init_done = True
@@ -152,9 +161,16 @@ class BWTALinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, act: str = "ternary", levels: int = 1) -> BWTALinear:
+    def from_linear(cls, lin: nn.Linear, act: str = "ternary", levels: int = 1,
+                    share_parameters: bool = False) -> BWTALinear:
+        """A BWTA copy of ``lin``; with ``share_parameters`` it holds ``lin``'s own weight and bias
+        Parameters instead of copies, so weights tied to other modules (an LM head tied to the
+        embeddings, two layers sharing one weight) stay tied."""
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, levels,
                 device=lin.weight.device, dtype=lin.weight.dtype)
+        if share_parameters:
+            m.weight, m.bias = lin.weight, lin.bias
+            return m
         with torch.no_grad():
             m.weight.copy_(lin.weight)
             if lin.bias is not None:

@@ -64,12 +64,22 @@ class QuantConfig:
     levels: int = 1
     # Quantize the attention MatMuls (Q·Kᵀ ternary x ternary, P·V bool x ternary).
     attention: bool = True
+    # Keep the model's output embeddings (the LM head, whatever its name: Hugging Face's
+    # get_output_embeddings(), or a linear layer whose weight is an nn.Embedding's) float unless a
+    # rule names it.  Names like Whisper's ``proj_out``, DistilBERT's ``vocab_projector`` or ALBERT's
+    # ``predictions.decoder`` match none of the default patterns.
+    float_output_embeddings: bool = True
 
     def choice(self, name: str) -> Choice:
+        rule = self.rule_choice(name)
+        return self.default if rule is None else rule
+
+    def rule_choice(self, name: str) -> Choice | None:
+        """The choice of the first rule matching ``name``; None when no rule matches."""
         for pattern, choice in self.rules:
             if re.search(pattern, name):
                 return choice
-        return self.default
+        return None
 
 
 @dataclass(frozen=True)
@@ -78,12 +88,6 @@ class ReportEntry:
     kind: str          # "linear" | "attention"
     choice: str        # "bwta" | "float"
     reason: str = ""
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
@@ -97,29 +101,38 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         new.bwta_report = [dataclasses.replace(e, name="") for e in holder.bwta_report]
         return new
     report: list[ReportEntry] = []
+    heads = _output_embeddings(model) if config.float_output_embeddings else {}
+    direct = _weights_read_directly(model)
+    aliases = _aliases(model)
+    # Swapped after the walk, at every name the module is registered under: a module held by two
+    # parents (or twice by one) was swapped at its first name only and ran float at the others.
+    swapped: dict[int, nn.Module] = {}
     for name, mod in list(model.named_modules()):
         if not name:
-            if weights := _self_multiplied_weights(mod):      # the root's own weights (never swapped)
-                report.append(_own_weights_entry("<root>", mod, weights, config.choice(name)))
+            report.extend(_own_entries("<root>", mod, config.choice(name)))   # the root is never swapped
             continue
         choice = config.choice(name)
-        if isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        also = f" (also registered as {', '.join(aliases[id(mod)])})" if id(mod) in aliases else ""
+        if (isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)) \
+                or _is_hf_conv1d(mod):
+            choice, why = _linear_choice(config, name, mod, heads, direct)
             if choice == "bwta":
-                _set_module(model, name, BWTALinear.from_linear(mod, config.act, config.levels))
-            report.append(ReportEntry(name, "linear", choice, "" if choice == "bwta" else "kept float by rule"))
-        elif _is_hf_conv1d(mod):
-            if choice == "bwta":
-                _set_module(model, name, _linear_from_conv1d(mod, config))
-            report.append(ReportEntry(name, "linear", choice, "" if choice == "bwta" else "kept float by rule"))
+                # The Parameters themselves, not copies: weights tied elsewhere stay tied.
+                swapped[id(mod)] = _linear_from_conv1d(mod, config) if _is_hf_conv1d(mod) else \
+                    BWTALinear.from_linear(mod, config.act, config.levels, share_parameters=True)
+            report.append(ReportEntry(name, "linear", choice, (why + also).strip()))
         elif isinstance(mod, AttentionCore):
             if choice == "bwta" and config.attention:
-                _set_module(model, name, BWTAAttention(config.levels).to(_device_of(model)))
-            report.append(ReportEntry(name, "attention", choice if config.attention else "float"))
+                swapped[id(mod)] = BWTAAttention(config.levels).to(_device_of(model))
+            report.append(ReportEntry(name, "attention", choice if config.attention else "float", also.strip()))
         elif isinstance(mod, nn.MultiheadAttention):
-            entry = _swap_mha(model, name, mod, choice, config)
-            report.append(entry)
-        elif weights := _self_multiplied_weights(mod):
-            report.append(_own_weights_entry(name, mod, weights, choice))
+            entry, new = _swap_mha(name, mod, choice, config)
+            if new is not None:
+                swapped[id(mod)] = new
+            report.append(dataclasses.replace(entry, reason=(entry.reason + also).strip()))
+        else:
+            report.extend(_own_entries(name, mod, choice))
+    _swap_everywhere(model, swapped)
     report.extend(_patch_hf_attention(model, config))
     report.extend(_patch_sdpa_callers(model, config))
     _disable_torch_fast_paths(model)
@@ -163,15 +176,123 @@ def _linear_from_conv1d(mod: nn.Module, config: QuantConfig) -> BWTALinear:
     return new
 
 
-def _swap_mha(model: nn.Module, name: str, mod: nn.MultiheadAttention, choice: Choice, config: QuantConfig) -> ReportEntry:
+def _swap_mha(name: str, mod: nn.MultiheadAttention, choice: Choice,
+              config: QuantConfig) -> tuple[ReportEntry, nn.Module | None]:
     if choice != "bwta":
-        return ReportEntry(name, "attention", "float", "kept float by rule")
+        return ReportEntry(name, "attention", "float", "kept float by rule"), None
     try:
         new = BWTAMultiheadAttention(mod, config.act)
     except NotImplementedError as e:
-        return ReportEntry(name, "attention", "float", str(e))
-    _set_module(model, name, new)
-    return ReportEntry(name, "attention", "bwta")
+        return ReportEntry(name, "attention", "float", str(e)), None
+    return ReportEntry(name, "attention", "bwta"), new
+
+
+def _swap_everywhere(model: nn.Module, swapped: dict[int, nn.Module]) -> None:
+    """Put each new module in place of the old one under every parent and attribute holding it."""
+    if not swapped:
+        return
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swapped:
+                setattr(parent, child_name, swapped[id(child)])
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id -> the names after the first of modules registered under more than one name."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(mod), []).append(name)
+    return {k: v[1:] for k, v in names.items() if len(v) > 1}
+
+
+def _linear_choice(config: QuantConfig, name: str, mod: nn.Module, heads: dict[int, str],
+                   direct: dict[int, str]) -> tuple[Choice, str]:
+    """(choice, reason) for a linear layer: its weight passed to a MatMul by another module (the
+    layer itself never runs) stays float; an unnamed LM head stays float unless a rule names it."""
+    if id(mod) in direct:
+        return "float", direct[id(mod)]
+    rule = config.rule_choice(name)
+    if rule is None and id(mod) in heads:
+        return "float", f"{heads[id(mod)]}: kept float by default (float_output_embeddings; a rule naming it quantizes it)"
+    choice = config.default if rule is None else rule
+    return choice, "" if choice == "bwta" else "kept float by rule"
+
+
+def _output_embeddings(model: nn.Module) -> dict[int, str]:
+    """id -> description of the model's output embeddings (LM head): what Hugging Face's
+    ``get_output_embeddings()`` returns, and linear layers whose weight is an nn.Embedding's."""
+    heads: dict[int, str] = {}
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            out = get()
+        except (NotImplementedError, AttributeError, TypeError):   # models without such a head raise
+            out = None
+        if isinstance(out, nn.Module):
+            heads[id(out)] = "the model's output embeddings (LM head, get_output_embeddings())"
+    embeddings = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and id(w) in embeddings:
+            heads.setdefault(id(mod), f"LM head: weight tied to embedding {embeddings[id(w)]}")
+    return heads
+
+
+# Functions that multiply by weights passed to them besides the MatMul calls.
+_WEIGHT_TAKING_CALLS = ("multi_head_attention_forward",)
+
+
+def _weights_read_directly(model: nn.Module) -> dict[int, str]:
+    """id -> reason, for linear layers whose weight another module's forward passes to a MatMul
+    itself (``F.linear(x, self.out.weight)``, ``F.multi_head_attention_forward(..., self.out.weight,
+    ...)``): swapping such a layer would change nothing that runs, while the report said BWTA."""
+    found: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        src = _forward_source(mod)
+        if not src or ".weight" not in src:
+            continue
+        tree = ast.parse(src)
+        fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+        if fn is None or not fn.args.args:
+            continue
+        this = fn.args.args[0].arg
+        for node in ast.walk(tree):
+            for operand in _matmul_operands(node):
+                chain = _attribute_chain(operand, this)
+                if chain is None or len(chain) < 2 or chain[-1] != "weight":
+                    continue
+                try:
+                    owner = mod.get_submodule(".".join(chain[:-1]))
+                except AttributeError:
+                    continue
+                if isinstance(owner, nn.Linear) or _is_hf_conv1d(owner):
+                    call = ast.unparse(node.func) if isinstance(node, ast.Call) else "@"
+                    found.setdefault(id(owner), f"{name or '<root>'} passes its weight to {call}() itself "
+                                                "(the layer is never called, so a BWTA swap would not run)")
+    return found
+
+
+def _attribute_chain(node: ast.AST, this: str) -> list[str] | None:
+    """``self.a.b.weight`` -> ["a", "b", "weight"]; None for anything else."""
+    chain = []
+    while isinstance(node, ast.Attribute):
+        chain.append(node.attr)
+        node = node.value
+    return chain[::-1] if isinstance(node, ast.Name) and node.id == this and chain else None
+
+
+def _own_entries(name: str, mod: nn.Module, choice: Choice) -> list[ReportEntry]:
+    """Entries for a module's own weights multiplied in its forward, and for attention it leaves to
+    F.multi_head_attention_forward (float: only nn.MultiheadAttention is swapped)."""
+    entries = []
+    if weights := _self_multiplied_weights(mod):
+        entries.append(_own_weights_entry(name, mod, weights, choice))
+    if "multi_head_attention_forward" in _forward_source(mod):
+        entries.append(ReportEntry(name, "attention", "float", f"{type(mod).__name__} calls "
+                                   "F.multi_head_attention_forward itself: its projections and attention run "
+                                   "in float (nn.MultiheadAttention is swapped for BWTA)"))
+    return entries
 
 
 # ---- Hugging Face transformers ---------------------------------------------------------------
@@ -336,7 +457,8 @@ def _code_without_docstrings(fn) -> str:
 
 # Calls that multiply by a weight when given one: F.linear, torch.matmul / Tensor.matmul, mm, bmm,
 # einsum, and grouped MatMuls (transformers' MoE experts), with or without a leading underscore.
-_WEIGHT_MATMUL_CALLS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm")
+_WEIGHT_MATMUL_CALLS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm",
+                        *_WEIGHT_TAKING_CALLS)
 
 
 def _matmul_operands(node: ast.AST) -> list[ast.AST]:

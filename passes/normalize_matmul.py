@@ -7,12 +7,15 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from .context import MatmulRecord, PassContext
-from .patterns import aten, is_call, is_other_matmul, matmul_op_name, meta_val
+from .patterns import aten, is_call, is_float_attention, is_other_matmul, matmul_op_name, meta_val
 
 # Recorded for MatMul ops outside mm/bmm/addmm/baddbmm/linear (aten._grouped_mm, transformers'
 # grouped_mm_fallback, ...), which no pass rewrites.
 OTHER_MATMUL_REASON = ("grouped or special MatMul op (e.g. MoE experts' stacked 3-d weights): "
                        "bwta has no low-bit form for it, it runs in float")
+# Recorded twice (its Q·Kᵀ and its P·V) for a fused float attention op left in the graph.
+FLOAT_ATTENTION_REASON = ("float scaled-dot-product attention op: this attention was kept float (a quantize() "
+                          "rule, or code quantize() did not route to BWTA attention)")
 
 
 def _split_with_bias(gm: GraphModule, node: Node, mm_op) -> Node:
@@ -63,6 +66,10 @@ def normalize_matmul(gm: GraphModule, ctx: PassContext) -> GraphModule:
                    aten.baddbmm.default):
             ctx.matmuls[node.name] = MatmulRecord(node.name, str(node.target).split(".")[1],
                                                   reason="operands are not quantized (float MatMul)")
+        elif is_float_attention(node):
+            for part in ("Q·Kᵀ", "P·V"):
+                name = f"{node.name} ({part})"
+                ctx.matmuls[name] = MatmulRecord(name, matmul_op_name(node), reason=FLOAT_ATTENTION_REASON)
         elif is_other_matmul(node):
             ctx.matmuls[node.name] = MatmulRecord(node.name, matmul_op_name(node), reason=OTHER_MATMUL_REASON)
     return gm

@@ -40,13 +40,27 @@ MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul
 _OTHER_MATMUL_NAME = re.compile(r"(^|_)(grouped_mm|mm|bmm|matmul|gemm|scaled_mm|int_mm)(_|$)")
 
 
+# Fused float attention ops (F.scaled_dot_product_attention: ``aten._scaled_dot_product_flash_attention_for_cpu``
+# on CPU, the flash / efficient / cuDNN kernels on CUDA): two MatMuls (Q·Kᵀ, P·V) each, which a
+# graph holds when an attention was kept float (a quantize() rule, a module that was not routed).
+_FLOAT_ATTENTION_NAME = re.compile(r"scaled_dot_product|(^|_)(flash|efficient|cudnn)_attention")
+
+
+def is_float_attention(node: object) -> bool:
+    """A fused float attention op (counts as two float MatMuls: Q·Kᵀ and P·V)."""
+    return (isinstance(node, Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target.namespace != "bwta" and _FLOAT_ATTENTION_NAME.search(node.target._opname) is not None
+            and "backward" not in node.target._opname)
+
+
 def is_other_matmul(node: object) -> bool:
-    """A MatMul op outside ``MATMUL_OPS`` and ``aten.linear`` (matched by its op name)."""
+    """A MatMul op outside ``MATMUL_OPS`` and ``aten.linear`` (matched by its op name), fused float
+    attention ops included."""
     if not (isinstance(node, Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
         return False
     if node.target in MATMUL_OPS or node.target == aten.linear.default or node.target.namespace == "bwta":
         return False
-    return _OTHER_MATMUL_NAME.search(node.target._opname) is not None
+    return _OTHER_MATMUL_NAME.search(node.target._opname) is not None or is_float_attention(node)
 
 
 def matmul_op_name(node: Node) -> str:
