@@ -183,16 +183,22 @@ def _target(cfg: Config, fake_inputs: Sequence[Any]) -> str:
 
 def _give_up(original: GraphModule, fake_inputs, cfg: Config, rep: GraphReport, dump: DebugDump, why: str):
     from bwta_compiler.passes import MatmulRecord
-    from bwta_compiler.passes.patterns import MATMUL_OPS, is_other_matmul, matmul_op_name
+    from bwta_compiler.passes.patterns import MATMUL_OPS, is_float_attention, is_other_matmul, matmul_op_name
 
     warnings.warn(f"{why}; graph {rep.graph_id} runs without bwta", stacklevel=2)
     rep.mode = "failed"
     rep.notes.append(why)
-    # Every MatMul of the graph runs in float: count them, so the report's totals stay honest.
-    rep.matmuls = [MatmulRecord(n.name, matmul_op_name(n), reason="graph runs without bwta (see note)")
-                   for n in original.graph.nodes
-                   if n.op == "call_function" and (n.target in MATMUL_OPS or n.target == torch.ops.aten.linear.default
-                                                   or is_other_matmul(n))]
+    # Every MatMul of the graph runs in float: count them, so the report's totals stay honest (a
+    # fused float attention op is two, Q·Kᵀ and P·V, as normalize_matmul counts it).
+    why_float = "graph runs without bwta (see note)"
+    rep.matmuls = []
+    for n in original.graph.nodes:
+        if is_float_attention(n):
+            rep.matmuls += [MatmulRecord(f"{n.name} ({part})", matmul_op_name(n), reason=why_float)
+                            for part in ("Q·Kᵀ", "P·V")]
+        elif n.op == "call_function" and (n.target in MATMUL_OPS or n.target == torch.ops.aten.linear.default
+                                          or is_other_matmul(n)):
+            rep.matmuls.append(MatmulRecord(n.name, matmul_op_name(n), reason=why_float))
     dump.text("report.txt", "\n".join(rep.lines()) + "\n")
     add_graph(rep)
     return _fallback_compile(original, fake_inputs, cfg, rep)

@@ -359,6 +359,38 @@ def test_failed_graph_reports_its_matmuls_and_warns():
     assert rep.lowbit == 0 and rep.total == 2 and rep.graphs[0].mode == "failed", str(rep)
 
 
+def test_failed_graph_counts_a_float_attention_as_two_matmuls():
+    """A graph that runs without bwta counts its float SDPA as Q·Kᵀ and P·V, as a compiled graph
+    does: the totals of the report do not depend on whether the passes succeeded."""
+    from bwta_compiler import passes
+
+    class FloatAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.proj(x).view(2, 5, 2, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 5, 16)
+
+    calls = [((torch.randn(2, 5, 16),), {})]
+    _, ok = _compiled_equals_eager(FloatAttention(), calls, quantize=False)
+    assert ok.total == 3 and ok.lowbit == 0, str(ok)      # the linear, Q·Kᵀ and P·V
+    compiled_total = ok.total
+
+    def broken(gm, ctx):
+        raise RuntimeError("injected failure")
+
+    broken.__name__ = "fuse_epilogue"
+    pipeline = tuple(broken if p.__name__ == "fuse_epilogue" else p for p in passes.PIPELINE)
+    torch._dynamo.reset()  # the same code object again: compile afresh, with the broken pipeline
+    with mock.patch.object(passes, "PIPELINE", pipeline), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, failed = _compiled_equals_eager(FloatAttention(), calls, quantize=False)
+    graph = next(g for g in failed.graphs if g.mode == "failed")
+    assert len(graph.matmuls) == compiled_total, str(failed)
+
+
 def test_hf_model_without_attention_interface_reports_float_attention():
     tf = pytest.importorskip("transformers")
     model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
