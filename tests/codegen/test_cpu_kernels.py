@@ -178,8 +178,9 @@ def test_qbmm_reads_head_split_and_broadcast_operands(cfg, variant: str) -> None
         # grouped-query: 3 K/V heads expanded to 6 query heads (stride 0 along the group)
         (_rand((bsz, kv_heads, 2, s, d), torch.float32),
          _rand((bsz, kv_heads, 1, d, 9), torch.float32).expand(bsz, kv_heads, 2, d, 9)),
-        # broadcast over the batch, and a plain 3-d / 2-d pair
+        # broadcast over the batch; A read column-wise (its K dim strided); a plain 3-d / 2-d pair
         (_rand((bsz, heads, s, d), torch.float32), _rand((1, heads, d, 9), torch.float32)),
+        (_rand((bsz, heads, d, s), torch.float32).transpose(-1, -2), _rand((bsz, heads, d, 9), torch.float32)),
         (_rand((heads, s, d), torch.float32), _rand((d, 9), torch.float32)),
     ]:
         if a_act == "bool":
