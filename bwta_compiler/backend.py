@@ -182,23 +182,17 @@ def _target(cfg: Config, fake_inputs: Sequence[Any]) -> str:
 
 
 def _give_up(original: GraphModule, fake_inputs, cfg: Config, rep: GraphReport, dump: DebugDump, why: str):
-    from bwta_compiler.passes import MatmulRecord
-    from bwta_compiler.passes.patterns import MATMUL_OPS, is_float_attention, is_other_matmul, matmul_op_name
+    from bwta_compiler.passes.normalize_matmul import float_matmul_records
+    from bwta_compiler.passes.patterns import MATMUL_OPS
 
     warnings.warn(f"{why}; graph {rep.graph_id} runs without bwta", stacklevel=2)
     rep.mode = "failed"
     rep.notes.append(why)
-    # Every MatMul of the graph runs in float: count them, so the report's totals stay honest (a
-    # fused float attention op is two, Q·Kᵀ and P·V, as normalize_matmul counts it).
-    why_float = "graph runs without bwta (see note)"
-    rep.matmuls = []
-    for n in original.graph.nodes:
-        if is_float_attention(n):
-            rep.matmuls += [MatmulRecord(f"{n.name} ({part})", matmul_op_name(n), reason=why_float)
-                            for part in ("Q·Kᵀ", "P·V")]
-        elif n.op == "call_function" and (n.target in MATMUL_OPS or n.target == torch.ops.aten.linear.default
-                                          or is_other_matmul(n)):
-            rep.matmuls.append(MatmulRecord(n.name, matmul_op_name(n), reason=why_float))
+    # Every MatMul of the graph runs in float: count them as a compiled graph's report does (the
+    # graph is the one before the passes, so linear is still one op), so the totals stay honest.
+    plain = MATMUL_OPS | {torch.ops.aten.linear.default}
+    rep.matmuls = [record for n in original.graph.nodes
+                   for record in float_matmul_records(n, "graph runs without bwta (see note)", plain)]
     dump.text("report.txt", "\n".join(rep.lines()) + "\n")
     add_graph(rep)
     return _fallback_compile(original, fake_inputs, cfg, rep)

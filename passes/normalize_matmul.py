@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from .context import MatmulRecord, PassContext
-from .patterns import aten, is_call, is_float_attention, is_other_matmul, matmul_op_name, meta_val
+from .patterns import MATMUL_OPS, aten, is_call, is_float_attention, is_other_matmul, matmul_op_name, meta_val
 
 # Recorded for MatMul ops outside mm/bmm/addmm/baddbmm/linear (aten._grouped_mm, transformers'
 # grouped_mm_fallback, ...), which no pass rewrites.
@@ -16,6 +16,21 @@ OTHER_MATMUL_REASON = ("grouped or special MatMul op (e.g. MoE experts' stacked 
 # Recorded twice (its Q·Kᵀ and its P·V) for a fused float attention op left in the graph.
 FLOAT_ATTENTION_REASON = ("float scaled-dot-product attention op: this attention was kept float (a quantize() "
                           "rule, or code quantize() did not route to BWTA attention)")
+PLAIN_MATMUL_REASON = "operands are not quantized (float MatMul)"
+
+
+def float_matmul_records(node: Node, reason: str = "", plain_ops=MATMUL_OPS) -> list[MatmulRecord]:
+    """``node``'s report records as a float MatMul: one for a MatMul op (``plain_ops`` or a grouped /
+    special one), two (Q·Kᵀ, P·V) for a fused float attention op, none for any other node.
+    ``reason`` replaces the per-kind reason (a graph that runs without bwta gives its own)."""
+    if is_call(node, *plain_ops):
+        return [MatmulRecord(node.name, matmul_op_name(node), reason=reason or PLAIN_MATMUL_REASON)]
+    if is_float_attention(node):
+        return [MatmulRecord(f"{node.name} ({part})", matmul_op_name(node), reason=reason or FLOAT_ATTENTION_REASON)
+                for part in ("Q·Kᵀ", "P·V")]
+    if is_other_matmul(node):
+        return [MatmulRecord(node.name, matmul_op_name(node), reason=reason or OTHER_MATMUL_REASON)]
+    return []
 
 
 def _split_with_bias(gm: GraphModule, node: Node, mm_op) -> Node:
@@ -62,15 +77,7 @@ def normalize_matmul(gm: GraphModule, ctx: PassContext) -> GraphModule:
         elif is_call(node, aten.linear.default) and meta_val(node.args[0]) is not None:
             node = _split_linear(gm, node)
             ctx.counters["normalize_matmul"] += 1
-        if is_call(node, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
-                   aten.baddbmm.default):
-            ctx.matmuls[node.name] = MatmulRecord(node.name, str(node.target).split(".")[1],
-                                                  reason="operands are not quantized (float MatMul)")
-        elif is_float_attention(node):
-            for part in ("Q·Kᵀ", "P·V"):
-                name = f"{node.name} ({part})"
-                ctx.matmuls[name] = MatmulRecord(name, matmul_op_name(node), reason=FLOAT_ATTENTION_REASON)
-        elif is_other_matmul(node):
-            ctx.matmuls[node.name] = MatmulRecord(node.name, matmul_op_name(node), reason=OTHER_MATMUL_REASON)
+        for record in float_matmul_records(node):
+            ctx.matmuls[record.node] = record
     return gm
 
