@@ -249,14 +249,10 @@ def _weights_read_directly(model: nn.Module) -> dict[int, str]:
     ...)``): swapping such a layer would change nothing that runs, while the report said BWTA."""
     found: dict[int, str] = {}
     for name, mod in model.named_modules():
-        src = _forward_source(mod)
-        if not src or ".weight" not in src:
+        parsed = _forward_ast(mod) if ".weight" in _forward_source(mod) else None
+        if parsed is None:
             continue
-        tree = ast.parse(src)
-        fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
-        if fn is None or not fn.args.args:
-            continue
-        this = fn.args.args[0].arg
+        tree, this = parsed
         for node in ast.walk(tree):
             for operand in _matmul_operands(node):
                 chain = _attribute_chain(operand, this)
@@ -455,6 +451,20 @@ def _code_without_docstrings(fn) -> str:
     return ast.unparse(tree)
 
 
+def _forward_ast(mod: nn.Module) -> tuple[ast.Module, str] | None:
+    """(parsed forward without docstrings, the name it gives the module: "self" or another) of a
+    user module, or None (see :func:`_forward_source`)."""
+    return _parsed_function(type(mod).forward) if _forward_source(mod) else None
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed_function(fn) -> tuple[ast.Module, str] | None:
+    # Cached per function like its source; callers only read the tree.
+    tree = ast.parse(_code_without_docstrings(fn))
+    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    return (tree, node.args.args[0].arg) if node is not None and node.args.args else None
+
+
 # Calls that multiply by a weight when given one: F.linear, torch.matmul / Tensor.matmul, mm, bmm,
 # einsum, and grouped MatMuls (transformers' MoE experts), with or without a leading underscore.
 _WEIGHT_MATMUL_CALLS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm",
@@ -482,14 +492,10 @@ def _self_multiplied_weights(mod: nn.Module) -> list[str]:
     MoE experts, ``x @ self.w.T``): weights that are not an ``nn.Linear``, which quantize() cannot
     swap, so they stay float and must say so in the report."""
     params = {n: p for n, p in mod.named_parameters(recurse=False) if p.dim() >= 2 and p.is_floating_point()}
-    src = _forward_source(mod) if params else ""
-    if not src:
+    parsed = _forward_ast(mod) if params else None
+    if parsed is None:
         return []
-    tree = ast.parse(src)
-    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
-    if fn is None or not fn.args.args:
-        return []
-    this = fn.args.args[0].arg                  # "self" (or whatever the forward calls it)
+    tree, this = parsed
     used = {sub.attr for node in ast.walk(tree) for operand in _matmul_operands(node) for sub in ast.walk(operand)
             if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == this}
     return sorted(n for n in params if n in used)
