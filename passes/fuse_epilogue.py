@@ -12,9 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .context import PassContext
-from .patterns import aten, bwta, is_call, meta_val
-
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+from .patterns import RESHAPE_OPS, aten, bwta, is_call, meta_val
 
 
 def _only_user(node: Node) -> Node | None:
@@ -40,7 +38,7 @@ def _absorb(gm: GraphModule, fused: Node, ctx: PassContext) -> bool:
     views: list[Node] = []
     cur = fused
     nxt = _only_user(cur)
-    while nxt is not None and is_call(nxt, *_VIEWS) and nxt.args[0] is cur:
+    while nxt is not None and is_call(nxt, *RESHAPE_OPS) and nxt.args[0] is cur:
         views.append(nxt)
         cur, nxt = nxt, _only_user(nxt)
     last_view_val = meta_val(cur)

@@ -28,6 +28,7 @@ from bwta_compiler.reference import QBMM_VARIANTS
 from .context import PassContext
 from .patterns import (
     CONVERT_OPS,
+    RESHAPE_OPS,
     act_kind,
     aten,
     bwta,
@@ -77,7 +78,7 @@ def _replay(gm: GraphModule, src: Node, chain: list[Node], before: Node) -> Node
         for op in chain:
             if op.target in CONVERT_OPS:
                 continue
-            target = aten.reshape.default if op.target in (aten.view.default, aten._unsafe_view.default) else op.target
+            target = aten.reshape.default if op.target in RESHAPE_OPS else op.target
             cur = gm.graph.call_function(target, (cur, *op.args[1:]), dict(op.kwargs))
             val = meta_val(op)
             src_val = meta_val(src)
@@ -98,15 +99,12 @@ def _is_batch_broadcast(op: Node, kn: tuple) -> bool:
     return op.target in _BROADCAST_OPS and val is not None and val.dim() >= 2 and tuple(val.shape[-2:]) == kn
 
 
-_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-
-
 def _batch_merge_tail(src: Node, chain: list[Node]) -> tuple[int, Node] | None:
     """(length, reshape node) of the ops ending ``chain`` that only fold two or more leading batch
     dims into one (``clone`` + ``reshape`` [B, H, R, C] -> [B*H, R, C]: how a 4-d matmul lowers to
     bmm).  The qbmm kernels read a two-level batch through its strides, so without this tail a
     head-split, permuted attention operand reaches them without the copy the clone makes."""
-    if not chain or chain[-1].target not in _RESHAPES:
+    if not chain or chain[-1].target not in RESHAPE_OPS:
         return None
     n = 2 if len(chain) >= 2 and chain[-2].target in (aten.clone.default, aten.contiguous.default) else 1
     before = meta_val(chain[-n - 1]) if len(chain) > n else meta_val(src)

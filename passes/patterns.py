@@ -32,6 +32,9 @@ ACT_CODE_OPS = {
     bwta.sign_code.default: "binary",
 }
 
+# Ops that only reshape (a view when the strides allow it).
+RESHAPE_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
 MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default, aten.baddbmm.default}
 
 # Other MatMul ops a graph can hold (grouped MoE expert MatMuls: ``aten._grouped_mm``,
