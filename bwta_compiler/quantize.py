@@ -104,6 +104,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     heads = _output_embeddings(model) if config.float_output_embeddings else {}
     direct = _weights_read_directly(model)
     aliases = _aliases(model)
+    holders = _parameter_holders(model)
+    # Conv1D weights ([in, out]) become one shared [out, in] Parameter per original weight: Conv1D
+    # layers tied to each other stay tied (each had got its own transposed copy).
+    transposed: dict[int, nn.Parameter] = {}
     # Swapped after the walk, at every name the module is registered under: a module held by two
     # parents (or twice by one) was swapped at its first name only and ran float at the others.
     swapped: dict[int, nn.Module] = {}
@@ -116,9 +120,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         if (isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)) \
                 or _is_hf_conv1d(mod):
             choice, why = _linear_choice(config, name, mod, heads, direct)
+            if choice == "bwta" and _is_hf_conv1d(mod):
+                choice, why = _conv1d_tie_choice(name, mod, holders, config, heads, direct)
             if choice == "bwta":
                 # The Parameters themselves, not copies: weights tied elsewhere stay tied.
-                swapped[id(mod)] = _linear_from_conv1d(mod, config) if _is_hf_conv1d(mod) else \
+                swapped[id(mod)] = _linear_from_conv1d(mod, config, transposed) if _is_hf_conv1d(mod) else \
                     BWTALinear.from_linear(mod, config.act, config.levels, share_parameters=True)
             report.append(ReportEntry(name, "linear", choice, (why + also).strip()))
         elif isinstance(mod, AttentionCore):
@@ -165,15 +171,46 @@ def _is_hf_conv1d(mod: nn.Module) -> bool:
     return cls is not None and isinstance(mod, cls) and mod.weight.dim() == 2
 
 
-def _linear_from_conv1d(mod: nn.Module, config: QuantConfig) -> BWTALinear:
+def _linear_from_conv1d(mod: nn.Module, config: QuantConfig, transposed: dict[int, nn.Parameter]) -> BWTALinear:
+    """A BWTALinear for a Conv1D: its weight is the transposed ([out, in]) copy of the Conv1D's weight,
+    one Parameter per original (``transposed``, by id), so Conv1D layers tied to each other share it;
+    the bias is the Conv1D's own Parameter."""
     w = mod.weight                                   # [in, out]
     new = BWTALinear(w.shape[0], w.shape[1], mod.bias is not None, config.act, config.levels,
                      device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w.t())
-        if mod.bias is not None:
-            new.bias.copy_(mod.bias)
+    if id(w) not in transposed:
+        transposed[id(w)] = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    new.weight = transposed[id(w)]
+    if mod.bias is not None:
+        new.bias = mod.bias
     return new
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(Parameter) -> the (name, module) pairs holding it as one of their own parameters."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, mod in model.named_modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append((name, mod))
+    return holders
+
+
+def _conv1d_tie_choice(name: str, mod: nn.Module, holders: dict[int, list[tuple[str, nn.Module]]],
+                       config: QuantConfig, heads: dict[int, str], direct: dict[int, str]) -> tuple[Choice, str]:
+    """A Conv1D's BWTA weight is a transposed copy: that keeps a tie only to other Conv1D layers swapped
+    with it.  A weight also held by anything else (an nn.Linear, a float layer, a module multiplying it
+    itself) would be untied, so such a Conv1D stays float and says why."""
+    for other_name, other in holders.get(id(mod.weight), []):
+        if other is mod:
+            continue
+        if _is_hf_conv1d(other) and other.weight is mod.weight and \
+                _linear_choice(config, other_name, other, heads, direct)[0] == "bwta":
+            continue
+        return "float", (f"weight [in, out] {list(mod.weight.shape)} tied to {other_name or '<root>'} "
+                         f"({type(other).__name__}), which does not become a BWTA Conv1D with it: a BWTA copy "
+                         "([out, in]) would untie them, so it stays float")
+    return "bwta", ""
 
 
 def _swap_mha(name: str, mod: nn.MultiheadAttention, choice: Choice,
@@ -390,14 +427,19 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
             mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
             entries.append(ReportEntry(name, "attention", "bwta"))
     if any(e.choice == "bwta" for e in entries):
-        model.set_attn_implementation("bwta")
+        can_set = getattr(type(model), "_can_set_attn_implementation", None)
+        if not callable(can_set) or can_set():      # (asking a model that cannot logs a warning)
+            model.set_attn_implementation("bwta")
         if model.config._attn_implementation != "bwta":
-            # The model computes attention itself (e.g. Falcon, Bloom): it stays float, and says so.
+            # The model computes attention itself, behind its own ``if _attn_implementation == "sdpa"``
+            # (Falcon): each layer computing one plain attention on every path has its MatMuls / its
+            # F.scaled_dot_product_attention call redirected to BWTA, as for modules without a config.
             why = f"{type(model).__name__} does not use transformers' AttentionInterface"
             for _, mod in attn_modules:
                 if hasattr(mod, "bwta_core"):
                     del mod.bwta_core
-            return own + [ReportEntry(n, "attention", "float", why) for n, _ in attn_modules]
+            return own + [_own_attention_entry(model, n, m, config, why) if e.choice == "bwta" else e
+                          for (n, m), e in zip(attn_modules, entries)]
         for name, mod in attn_modules:
             if not hasattr(mod, "bwta_core"):
                 # Kept-float layers run the same function with a float core.
@@ -405,15 +447,18 @@ def _patch_hf_attention(model: nn.Module, config: QuantConfig) -> list[ReportEnt
     return own + entries
 
 
-def _own_attention_entry(model: nn.Module, name: str, mod: nn.Module, config: QuantConfig) -> ReportEntry:
+def _own_attention_entry(model: nn.Module, name: str, mod: nn.Module, config: QuantConfig,
+                         why: str = "") -> ReportEntry:
     """Redirect a Hugging Face module's self-computed attention to BWTA when it is one plain attention."""
-    why = f"{type(mod).__name__} computes attention itself (not through transformers' AttentionInterface)"
+    why = why or f"{type(mod).__name__} computes attention itself (not through transformers' AttentionInterface)"
     if not _single_attention(mod):
-        return ReportEntry(name, "attention", "float", why + " with more than one score product")
+        return ReportEntry(name, "attention", "float", why + "; its forward is not one plain attention on every "
+                           "path (one Q·Kᵀ product, one softmax, one P·V product, or one "
+                           "F.scaled_dot_product_attention call), so it stays float")
     if not config.attention or config.choice(name) != "bwta":
         return ReportEntry(name, "attention", "float", "kept float by rule")
     _redirect(model, mod, config)
-    return ReportEntry(name, "attention", "bwta", why + "; matmul/softmax attention redirected")
+    return ReportEntry(name, "attention", "bwta", why + "; its attention is redirected to BWTA attention")
 
 
 class _FloatCore(AttentionCore):
@@ -633,14 +678,18 @@ def _products(tree: ast.AST) -> int:
 
 
 def _single_attention(mod: nn.Module) -> bool:
-    """``forward`` computes exactly one attention: two products around one softmax, and calls no
-    method of its own that multiplies more (DeBERTa's disentangled c2p / p2c scores would each be
-    taken for Q·Kᵀ and share its quantizers)."""
+    """``forward`` computes exactly one attention on every path through it: two products around one
+    softmax, or one F.scaled_dot_product_attention call (Falcon has four spellings of its attention
+    behind ``if alibi`` / ``if sdpa`` branches, one of which runs), and calls no method of its own that
+    multiplies more (DeBERTa's disentangled c2p / p2c scores would each be taken for Q·Kᵀ and share
+    its quantizers)."""
     src = _forward_source(mod)
-    if not src or src.count("softmax(") != 1:
+    if not src:
         return False
     tree = ast.parse(src)
-    if _products(tree) != 2:
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    paths = _attention_paths(fn.body) if fn is not None else None
+    if not paths or not paths <= {(0, 0, 0), (2, 1, 0), (0, 0, 1)} or paths == {(0, 0, 0)}:
         return False
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
@@ -649,6 +698,72 @@ def _single_attention(mod: nn.Module) -> bool:
             if inspect.isfunction(method) and _products(ast.parse(textwrap.dedent(inspect.getsource(method)))):
                 return False
     return True
+
+
+def _attention_counts(node: ast.AST) -> tuple[int, int, int]:
+    """(score products, softmax calls, F.scaled_dot_product_attention calls) written in ``node``."""
+    def name(n: ast.AST) -> str:
+        f = n.func if isinstance(n, ast.Call) else None
+        return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+    calls = [name(n) for n in ast.walk(node) if isinstance(n, ast.Call)]
+    return _products(node), calls.count("softmax"), calls.count("scaled_dot_product_attention")
+
+
+_MAX_PATHS = 256
+
+
+def _attention_paths(stmts: list[ast.stmt]) -> set[tuple[int, int, int]] | None:
+    """The attention counts (:func:`_attention_counts`) of every path through ``stmts`` that does not
+    raise: ``if``/``else`` branches are separate paths, a ``return`` ends one.  None when it cannot tell
+    (attention written in a loop, too many paths)."""
+    res = _paths(stmts)
+    if res is None:
+        return None
+    open_, done = res
+    return open_ | done
+
+
+def _add(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _paths(stmts: list[ast.stmt]) -> tuple[set, set] | None:
+    """(counts of the paths that run off the end, counts of the paths that returned)."""
+    open_, done = {(0, 0, 0)}, set()
+    for st in stmts:
+        if isinstance(st, ast.If):
+            body, orelse = _paths(st.body), _paths(st.orelse)
+            if body is None or orelse is None:
+                return None
+            test = _attention_counts(st.test)
+            new = {_add(_add(p, test), d) for p in open_ for d in body[0] | orelse[0]}
+            done |= {_add(_add(p, test), d) for p in open_ for d in body[1] | orelse[1]}
+            open_ = new
+        elif isinstance(st, ast.Return):
+            done |= {_add(p, _attention_counts(st)) for p in open_}
+            open_ = set()
+        elif isinstance(st, ast.Raise):
+            open_ = set()
+        elif isinstance(st, (ast.With, ast.AsyncWith)):
+            inner = _paths(st.body)
+            if inner is None:
+                return None
+            items = (0, 0, 0)
+            for item in st.items:
+                items = _add(items, _attention_counts(item.context_expr))
+            done |= {_add(_add(p, items), d) for p in open_ for d in inner[1]}
+            open_ = {_add(_add(p, items), d) for p in open_ for d in inner[0]}
+        elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)) and _attention_counts(st) != (0, 0, 0):
+            return None                  # attention inside a loop: as many as it iterates
+        else:
+            c = _attention_counts(st)
+            open_ = {_add(p, c) for p in open_}
+        if len(open_) + len(done) > _MAX_PATHS:
+            return None
+        if not open_:
+            break
+    return open_, done
 
 
 def _patch_sdpa_callers(model: nn.Module, config: QuantConfig) -> list[ReportEntry]:
