@@ -8,6 +8,10 @@ included), the way a deployment restarts:
   cold     empty bwta kernel cache and empty inductor cache: build the model skeleton on the meta
            device, load the frozen checkpoint, ``torch.compile(..., backend="bwta")``, first output;
   warm     the same again, with the caches the cold run filled;
+  save     ``bc.save_compiled`` of the frozen encoder (once, after training; its time is the
+           compile plus writing the file);
+  load     ``bc.load_compiled`` from that file in a fresh process: no Dynamo tracing, AOTAutograd
+           or passes; the float remainder runs eagerly;
   inductor-cold / inductor-warm (``--baseline``): the float encoder with ``backend="inductor"`` the
            same way, the time torch.compile itself needs for this model on this machine.
 
@@ -67,6 +71,20 @@ def _child(args: argparse.Namespace) -> None:
         model = bc.freeze(bc.quantize(Encoder(cfg)).eval())
     model.load_state_dict(torch.load(args.ckpt), assign=True)
     stamps["model ready"] = time.time() - t_start
+    saved = str(Path(args.ckpt).with_name("encoder.bwta"))
+    if args.phase == "save":                           # bc.save_compiled: once, after training
+        bc.save_compiled(model, _inputs(torch, cfg, args), saved)
+        stamps["first output"] = time.time() - t_start   # (here: the file written)
+        print("BENCH_JSON " + json.dumps({"stamps": stamps, "bwta": {}, "summary": bc.last_report().summary(),
+                                          "torch": _torch_times()}), flush=True)
+        return
+    if args.phase == "load":                           # a deployment restart from the saved file
+        fn = bc.load_compiled(model, saved)
+        stamps["file loaded"] = time.time() - t_start
+        fn(*_inputs(torch, cfg, args))
+        stamps["first output"] = time.time() - t_start
+        print("BENCH_JSON " + json.dumps({"stamps": stamps, "bwta": {}, "summary": "", "torch": {}}), flush=True)
+        return
     compiled = torch.compile(model, backend="bwta", options={"fallback": args.fallback})
     with torch.no_grad():
         compiled(*_inputs(torch, cfg, args))
@@ -114,6 +132,7 @@ def _run(phase: str, args: argparse.Namespace, env: dict) -> dict:
 def _fmt(name: str, r: dict) -> str:
     s = r["stamps"]
     parts = [f"{k} {v:.1f}" for k, v in r["torch"].items()] + [f"{k} {v:.1f}" for k, v in r["bwta"].items()]
+    parts += [f"{k} at {v:.1f}" for k, v in s.items() if k not in ("import torch", "model ready", "first output")]
     return (f"{name:13s} import torch {s['import torch']:5.1f} s | model ready {s['model ready']:5.1f} s | "
             f"first output {s['first output']:5.1f} s (compile {s['first output'] - s['model ready']:.1f} s: "
             + ", ".join(parts) + ")")
@@ -144,7 +163,7 @@ def main() -> None:
                    TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
         env.pop("BWTA_DEBUG", None)
         _run("prepare", args, env)
-        phases = ("cold", "warm") + (("inductor-cold", "inductor-warm") if args.baseline else ())
+        phases = ("cold", "warm", "save", "load") + (("inductor-cold", "inductor-warm") if args.baseline else ())
         results = {name: _run(name, args, env) for name in phases}
     print(f"# {cpu_model()} | {os.cpu_count()} cores | encoder {args.layers} x 768, batch {args.batch}, "
           f"seq {args.seq} | fallback {args.fallback} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

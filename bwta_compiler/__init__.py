@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionCore", "BWTAAttention", "BWTALinear", "BWTAMultiheadAttention", "BinaryActQuantizer",
     "BoolQuantizer", "QuantConfig", "TernaryQuantizer", "binarize", "boolize", "compile_onnx", "config",
-    "freeze", "last_report", "quantize", "report_lines", "reset_reports", "state_dict_bytes", "ternarize",
-    "__version__",
+    "freeze", "last_report", "load_compiled", "quantize", "report_lines", "reset_reports", "save_compiled",
+    "state_dict_bytes", "ternarize", "__version__",
 ]
 
 
@@ -36,4 +36,8 @@ def __getattr__(name: str):
         from .onnx import compile_onnx
 
         return compile_onnx
+    if name in ("save_compiled", "load_compiled"):  # torch's ahead-of-time machinery, loaded when used
+        from . import precompile
+
+        return getattr(precompile, name)
     raise AttributeError(f"module 'bwta_compiler' has no attribute {name!r}")

@@ -77,7 +77,10 @@ def _constant_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> dict[int
         grapharg = node.meta.get("grapharg")
         source = getattr(getattr(grapharg, "source", None), "name", "") or ""
         source = source() if callable(source) else source
-        if isinstance(value, torch.nn.Parameter) or "_buffers[" in source or "_parameters[" in source:
+        # Without a grapharg (torch's ahead-of-time capture), the placeholder's name still spells
+        # its source: L['model']._buffers['w'] -> l_model_buffers_w_.
+        named = "_buffers_" in node.name or "_parameters_" in node.name if grapharg is None else False
+        if isinstance(value, torch.nn.Parameter) or "_buffers[" in source or "_parameters[" in source or named:
             out[i] = value
     return out
 
@@ -117,7 +120,11 @@ def _compile_training(gm: GraphModule, example_inputs, cfg: Config, graph_id: in
 # ---- inference graphs: the pass pipeline, kernel binding, fallback compile ---------------------
 
 
-def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config, constants: dict, graph_id: int):
+def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config, constants: dict, graph_id: int,
+                       capture: list | None = None):
+    """The pass pipeline, kernel binding and fallback compile of one inference graph.  With
+    ``capture`` (bwta_compiler.precompile), the bound graph runs eagerly and the pieces a saved
+    artifact needs are appended to it."""
     from bwta_compiler.passes import PIPELINE, PassContext, run_pipeline
 
     dump = DebugDump(cfg.debug_dir, graph_id)
@@ -162,12 +169,20 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
         raise UnsupportedError("bwta strict mode: MatMuls that cannot run in low bit:\n" + "\n".join(rep.lines()[1:]))
     t0 = time.perf_counter()
     names, tensors, fakes = lift_constants(gm, fake_inputs)
-    compiled = _fallback_compile(gm, [*fake_inputs, *fakes], cfg, rep)
+    if capture is None:
+        compiled = _fallback_compile(gm, [*fake_inputs, *fakes], cfg, rep)
+    else:
+        compiled = make_boxed_func(gm.forward)
     rep.seconds[f"fallback ({cfg.fallback})"] = time.perf_counter() - t0
     _finish_report(rep, dump, ctx)
     folded = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
     folded = [(fw, t) for fw, t in folded if t is not None]
-    return WeightBinder(compiled, [fw for fw, _ in folded], [t for _, t in folded], names, tensors, cfg.pad_bits)
+    binder = WeightBinder(compiled, [fw for fw, _ in folded], [t for _, t in folded], names, tensors, cfg.pad_bits)
+    if capture is not None:
+        tracing = torch._guards.TracingContext.try_get()
+        capture.append({"gm": gm, "binder": binder, "n_inputs": len(fake_inputs),
+                        "fw_metadata": getattr(tracing, "fw_metadata", None)})
+    return binder
 
 
 def _same_shape(real: torch.Tensor, fake: Any) -> bool:

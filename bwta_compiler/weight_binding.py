@@ -96,10 +96,20 @@ class WeightBinder:
         self.sets[id(self.last)] = self.last
         self.lock = threading.Lock()
 
+    @classmethod
+    def from_slots(cls, compiled: Callable, slots: Sequence[tuple[int, int | None, int | None]],
+                   base: Sequence[torch.Tensor | None], pad_bits: int) -> WeightBinder:
+        """A binder with no packed set yet (a loaded artifact): the first call packs the weights of
+        the parameters it is given; ``base`` holds the lifted constants no slot recomputes."""
+        self = cls.__new__(cls)
+        self.compiled, self.pad_bits, self.slots, self.base = compiled, pad_bits, list(slots), list(base)
+        self.sets, self.last, self.lock = OrderedDict(), None, threading.Lock()
+        return self
+
     def __call__(self, args: list) -> Any:
         params = [args[i] for i, _, _ in self.slots]
         bound = self.last
-        if not bound.matches(params):
+        if bound is None or not bound.matches(params):
             bound = self._bind(params)
         if bound.extra:
             # Boxed convention: the callee owns (and may clear) the list, so extend it in place.

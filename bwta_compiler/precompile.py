@@ -1,0 +1,215 @@
+"""Save a model compiled with bwta to a file; load it in another process without tracing again.
+
+Why: ``torch.compile`` traces a model again in every new process.  With bwta's kernel cache and
+inductor's caches warm, the BERT-base-sized encoder still spent ~6 s in Dynamo and ~5 s in
+AOTAutograd before its first output here (25 s from process start).  :func:`save_compiled` runs
+bwta's compile once through torch's ahead-of-time capture (``torch.compile(...).aot_compile``,
+experimental in torch 2.13) and writes Dynamo's guards and bytecode together with bwta's compiled
+graph; :func:`load_compiled` reads them back, checks the guards on each call and runs the graph.
+
+What the file holds for bwta's graph (:class:`SavedGraph`): the aten graph after the passes, with
+its fused ops already pointing at kernels by name; the selector's choice for each kernel (reloaded
+through the kernel cache, or generated and compiled again on a machine that lacks it); and where
+each packed weight comes from (packed again from the parameters of the model it is called with,
+so the file holds no weights).  The float remainder of the graph runs eagerly (inductor's compiled
+code is not part of the file).
+
+Inference only (the model runs under ``torch.no_grad()``).  A file that cannot be read, was written
+by another torch, or whose guards reject a call (another model structure, a dtype or shape outside
+what was saved) warns once and runs the model without bwta, losing nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo.aot_compile_types import SerializableCallable
+from torch.fx import GraphModule
+
+from . import config as config_mod
+from . import kernel_registry
+from .errors import BWTAError, UnsupportedError
+from .weight_binding import WeightBinder
+
+FORMAT_VERSION = 1
+
+
+def _call_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    # The function torch captures: its code object and this module's globals are what a file replays.
+    return model(*args, **kwargs)
+
+
+class SavedGraph(SerializableCallable):
+    """bwta's compiled graph in a form torch's ahead-of-time path can write and read back."""
+
+    def __init__(self, gm: GraphModule, binder: WeightBinder, kernels: dict[str, Any]) -> None:
+        self.gm = gm
+        self.binder = binder
+        self.kernels = kernels          # kernel name in the graph -> KernelChoice
+
+    def __call__(self, *args: Any) -> Any:
+        return self.binder(list(args))
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: SavedGraph) -> bytes:
+        from torch.fx._graph_pickler import GraphPickler, Options
+
+        gm = GraphModule(fn.gm, fn.gm.graph)  # a shallow copy whose node meta can be dropped
+        for node in gm.graph.nodes:
+            node.meta = {}
+        covered = {s for _, p, a in fn.binder.slots for s in (p, a) if s is not None}
+        state = {
+            "format": FORMAT_VERSION,
+            "graph": GraphPickler.dumps(gm, Options(ops_filter=None)),
+            "kernels": fn.kernels,
+            "slots": fn.binder.slots,
+            "base": [None if i in covered else t for i, t in enumerate(fn.binder.base)],
+            "pad_bits": fn.binder.pad_bits,
+        }
+        return pickle.dumps(state)
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> SavedGraph:
+        from torch._functorch.aot_autograd import make_boxed_func
+        from torch._subclasses import FakeTensorMode
+        from torch.fx._graph_pickler import GraphPickler
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        from . import launch_ops, runtime_bridge  # noqa: F401  (launch_ops defines bwta::*_launch)
+
+        state = pickle.loads(data)
+        if state.get("format") != FORMAT_VERSION:
+            raise BWTAError(f"bwta saved graph format {state.get('format')!r}, this bwta reads {FORMAT_VERSION}")
+        cfg = config_mod.resolve({"pad_bits": state["pad_bits"]})
+        for name, choice in state["kernels"].items():
+            kernel, why = runtime_bridge.load(choice, cfg)
+            if kernel is None:
+                raise BWTAError(f"bwta saved graph: kernel {name} ({choice.describe()}) cannot be loaded: {why}")
+            kernel_registry.register(name, kernel)
+        gm = GraphPickler.loads(state["graph"], FakeTensorMode(shape_env=ShapeEnv()))
+        gm.recompile()
+        binder = WeightBinder.from_slots(make_boxed_func(gm.forward), state["slots"], state["base"],
+                                         state["pad_bits"])
+        return cls(gm, binder, state["kernels"])
+
+
+def _plain_inference_graph(captured: dict, n_example_inputs: int) -> str:
+    """Why AOTAutograd's runtime wrapper does more than call the graph ("" when it does not): a
+    saved graph is called with Dynamo's inputs directly, so it must not need that wrapper."""
+    from torch._functorch._aot_autograd.schemas import OutputType
+
+    meta = captured["fw_metadata"]
+    if meta is None:
+        return "no AOTAutograd metadata"
+    if captured["n_inputs"] != n_example_inputs:
+        return f"AOTAutograd changed the inputs ({n_example_inputs} -> {captured['n_inputs']}: duplicated inputs)"
+    if any(i.mutates_data or i.mutates_metadata for i in meta.input_info):
+        return "the model writes to one of its inputs or parameters in place"
+    aliased = [i for i, o in enumerate(meta.output_info) if o.output_type != OutputType.non_alias]
+    if aliased:
+        return f"outputs {aliased} alias inputs or each other (views): AOTAutograd rebuilds them at run time"
+    if getattr(meta, "tokens", None) or getattr(meta, "num_intermediate_bases", 0):
+        return "effect tokens or intermediate bases in the graph"
+    from torch._functorch._aot_autograd.schemas import SubclassCreationMeta
+
+    if any(isinstance(m, SubclassCreationMeta) for m in getattr(meta, "subclass_inp_meta", None) or ()):
+        return "tensor subclass inputs"
+    return ""
+
+
+def _saving_backend(options: dict[str, Any], graphs: list) -> Callable:
+    from torch._dynamo.backends.common import aot_autograd
+
+    from .backend import _compile_inference, _constant_inputs, _decompositions
+    from .debug import next_graph_id
+
+    def backend(gm: GraphModule, example_inputs: list) -> SavedGraph:
+        cfg = config_mod.resolve({**options, "fallback": "eager"})
+        captured: list[dict] = []
+        constants = _constant_inputs(gm, example_inputs)
+        inference = functools.partial(_compile_inference, cfg=cfg, constants=constants, graph_id=next_graph_id(),
+                                      capture=captured)
+        # torch's ahead-of-time capture asks AOTAutograd for a cacheable (inductor) result; bwta's
+        # graph is saved by SavedGraph instead.
+        with torch._functorch.config.patch(strict_autograd_cache=False, force_autograd_cache=False,
+                                           bundled_autograd_cache=False):
+            aot_autograd(fw_compiler=inference, inference_compiler=inference,
+                         decompositions=_decompositions(cfg))(gm, example_inputs)
+        if not captured:
+            raise UnsupportedError("bwta could not compile this model (see the warning above and "
+                                   "bwta_compiler.last_report()); nothing to save")
+        why = _plain_inference_graph(captured[0], len(example_inputs))
+        if why:
+            raise UnsupportedError(f"bwta save_compiled: {why}")
+        g = captured[0]["gm"]
+        kernels = {n.kwargs["kernel_id"]: n.meta["bwta_choice"] for n in g.graph.nodes
+                   if n.op == "call_function" and n.kwargs.get("kernel_id") and "bwta_choice" in n.meta}
+        saved = SavedGraph(g, captured[0]["binder"], kernels)
+        graphs.append(saved)
+        return saved
+
+    return backend
+
+
+def save_compiled(model: torch.nn.Module, args: tuple, path: str | Path, *, kwargs: dict | None = None,
+                  options: dict[str, Any] | None = None, dynamic: bool = True) -> None:
+    """Compile ``model`` with bwta for calls like ``model(*args, **kwargs)`` and write the result
+    to ``path``.  The whole forward must be one graph (no graph breaks); ``dynamic=True`` keeps
+    sizes (batch, tokens) symbolic so that other sizes reuse the file.  Raises UnsupportedError
+    when the model cannot be saved (the reason is in the message)."""
+    kwargs = dict(kwargs or {})
+    graphs: list[SavedGraph] = []
+    # Python floats stay constants (as in a plain torch.compile, whose restart on a float input
+    # the ahead-of-time capture does not have).
+    # Sizes of 1 stay symbolic too (a file saved at batch 2 serves batch 1: one request, decoding).
+    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True), \
+            torch.fx.experimental._config.patch(backed_size_oblivious=dynamic):
+        compiled = torch.compile(_call_model, fullgraph=True, dynamic=dynamic,
+                                 backend=_saving_backend(dict(options or {}), graphs))
+        try:
+            fn = compiled.aot_compile(((model, tuple(args), kwargs), {}))
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            raise UnsupportedError(f"bwta save_compiled: the forward of {type(model).__name__} must trace as one "
+                                   f"graph: {str(e).splitlines()[0]}") from e
+        except torch._dynamo.exc.PackageError as e:
+            # e.g. HF models: their forward reads objects by identity (ID_MATCH guards), which torch
+            # 2.13 cannot write to a file; torch.compile(model, backend="bwta") still compiles them.
+            raise UnsupportedError(f"bwta save_compiled: torch cannot save the guards of {type(model).__name__}'s "
+                                   f"forward ({e}); compile it with torch.compile(backend='bwta') instead") from e
+    fn.save_compiled_function(str(path))
+
+
+def load_compiled(model: torch.nn.Module, path: str | Path) -> Callable[..., Any]:
+    """``fn(*args, **kwargs)`` running ``model`` through the bwta graph saved at ``path``.  A file
+    that cannot be loaded, or a call its guards reject, warns and runs ``model`` as it is."""
+    fn = None
+    try:
+        with open(path, "rb") as fh:
+            fn = torch.compiler.load_compiled_function(fh, f_globals=globals())
+        fn.disable_guard_check()  # run() checks them once per call itself
+    except Exception as e:  # noqa: BLE001  (never lose the user's model to a bad file)
+        warnings.warn(f"bwta: cannot load the compiled model {str(path)!r} ({type(e).__name__}: {e}); "
+                      "running the model without bwta", stacklevel=2)
+    warned: list[bool] = []
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            if fn is not None:
+                if fn.guard_check(model, args, kwargs):
+                    return fn(model, args, kwargs)
+                if not warned:
+                    warned.append(True)
+                    info = fn._artifacts.guard_manager.check_verbose(fn.prepare_f_locals(model, args, kwargs))
+                    parts = getattr(info, "verbose_code_parts", None) or [str(info)]
+                    reason = "failed guard: " + parts[0].split("  #")[0]
+                    warnings.warn(f"bwta: the compiled model {str(path)!r} does not fit this call ({reason}); "
+                                  "running the model without bwta", stacklevel=2)
+            return model(*args, **kwargs)
+
+    return run
