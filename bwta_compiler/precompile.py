@@ -22,9 +22,10 @@ what was saved) warns once and runs the model without bwta, losing nothing.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _plain_inference_graph(captured: dict, n_example_inputs: int) -> str:
     return ""
 
 
-def _saving_backend(options: dict[str, Any], graphs: list) -> Callable:
+def _saving_backend(options: dict[str, Any]) -> Callable:
     from torch._dynamo.backends.common import aot_autograd
 
     from .backend import _compile_inference, _constant_inputs, _decompositions
@@ -150,30 +151,43 @@ def _saving_backend(options: dict[str, Any], graphs: list) -> Callable:
         g = captured[0]["gm"]
         kernels = {n.kwargs["kernel_id"]: n.meta["bwta_choice"] for n in g.graph.nodes
                    if n.op == "call_function" and n.kwargs.get("kernel_id") and "bwta_choice" in n.meta}
-        saved = SavedGraph(g, captured[0]["binder"], kernels)
-        graphs.append(saved)
-        return saved
+        return SavedGraph(g, captured[0]["binder"], kernels)
 
     return backend
 
 
 def save_compiled(model: torch.nn.Module, args: tuple, path: str | Path, *, kwargs: dict | None = None,
-                  options: dict[str, Any] | None = None, dynamic: bool = True) -> None:
+                  more_calls: Sequence[tuple[tuple, dict]] = (), options: dict[str, Any] | None = None,
+                  dynamic: bool = True) -> None:
     """Compile ``model`` with bwta for calls like ``model(*args, **kwargs)`` and write the result
     to ``path``.  The whole forward must be one graph (no graph breaks); ``dynamic=True`` keeps
-    sizes (batch, tokens) symbolic so that other sizes reuse the file.  Raises UnsupportedError
-    when the model cannot be saved (the reason is in the message)."""
-    kwargs = dict(kwargs or {})
-    graphs: list[SavedGraph] = []
+    sizes (batch, tokens) symbolic so that other sizes reuse the file.  ``more_calls``: further
+    ``(args, kwargs)`` examples compiled into the same file, for calls the first one's guards
+    would reject (a decoder's prefill and its decode step; a KV cache a step produced, whose
+    strides differ from the prefill's).  Raises UnsupportedError when the model cannot be saved
+    (the reason is in the message); nothing is written then."""
+    calls = [(tuple(args), dict(kwargs or {}))] + [(tuple(a), dict(k or {})) for a, k in more_calls]
+    entries = [_compile_call(model, a, k, dict(options or {}), dynamic).serialized_data for a, k in calls]
+    blob = pickle.dumps({"bwta_saved_model": FORMAT_VERSION, "entries": entries})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)             # atomic: a reader never sees half a file
+
+
+def _compile_call(model: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str, Any], dynamic: bool):
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
     # Python floats stay constants (as in a plain torch.compile, whose restart on a float input
-    # the ahead-of-time capture does not have).
-    # Sizes of 1 stay symbolic too (a file saved at batch 2 serves batch 1: one request, decoding).
+    # the ahead-of-time capture does not have); sizes of 1 stay symbolic too (a file saved at
+    # batch 2 serves batch 1: one request, decoding); no duck sizing (a KV cache [B, H_kv, T, D]
+    # saved at B = H_kv = 2 tied the batch to the model's head count).
     with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True), \
-            torch.fx.experimental._config.patch(backed_size_oblivious=dynamic):
-        compiled = torch.compile(_call_model, fullgraph=True, dynamic=dynamic,
-                                 backend=_saving_backend(dict(options or {}), graphs))
+            torch.fx.experimental._config.patch(backed_size_oblivious=dynamic, use_duck_shape=not dynamic):
+        compiled = torch.compile(_call_model, fullgraph=True, dynamic=dynamic, backend=_saving_backend(options))
         try:
-            fn = compiled.aot_compile(((model, tuple(args), kwargs), {}))
+            fn = compiled.aot_compile(((model, args, kwargs), {}))
+            return AOTCompiledFunction.serialize(fn)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise UnsupportedError(f"bwta save_compiled: the forward of {type(model).__name__} must trace as one "
                                    f"graph: {str(e).splitlines()[0]}") from e
@@ -182,17 +196,28 @@ def save_compiled(model: torch.nn.Module, args: tuple, path: str | Path, *, kwar
             # 2.13 cannot write to a file; torch.compile(model, backend="bwta") still compiles them.
             raise UnsupportedError(f"bwta save_compiled: torch cannot save the guards of {type(model).__name__}'s "
                                    f"forward ({e}); compile it with torch.compile(backend='bwta') instead") from e
-    fn.save_compiled_function(str(path))
+
+
+def _read(path: str | Path) -> list:
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    state = pickle.loads(Path(path).read_bytes())
+    if not isinstance(state, dict) or state.get("bwta_saved_model") != FORMAT_VERSION:
+        raise BWTAError(f"not a bwta saved model of format {FORMAT_VERSION}")
+    fns = [AOTCompiledFunction.deserialize(data, f_globals=globals()) for data in state["entries"]]
+    for fn in fns:
+        fn.disable_guard_check()      # run() checks them once per call itself
+    return fns
 
 
 def load_compiled(model: torch.nn.Module, path: str | Path) -> Callable[..., Any]:
-    """``fn(*args, **kwargs)`` running ``model`` through the bwta graph saved at ``path``.  A file
-    that cannot be loaded, or a call its guards reject, warns and runs ``model`` as it is."""
-    fn = None
+    """``fn(*args, **kwargs)`` running ``model`` through the bwta graphs saved at ``path`` (the
+    first whose guards accept the call).  A file that cannot be loaded, or a call no graph's
+    guards accept, warns and runs ``model`` as it is.  The file is a pickle: load only files you
+    trust (as with ``torch.load(weights_only=False)``)."""
+    fns: list = []
     try:
-        with open(path, "rb") as fh:
-            fn = torch.compiler.load_compiled_function(fh, f_globals=globals())
-        fn.disable_guard_check()  # run() checks them once per call itself
+        fns = _read(path)
     except Exception as e:  # noqa: BLE001  (never lose the user's model to a bad file)
         warnings.warn(f"bwta: cannot load the compiled model {str(path)!r} ({type(e).__name__}: {e}); "
                       "running the model without bwta", stacklevel=2)
@@ -200,16 +225,20 @@ def load_compiled(model: torch.nn.Module, path: str | Path) -> Callable[..., Any
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
-            if fn is not None:
+            for fn in fns:
                 if fn.guard_check(model, args, kwargs):
                     return fn(model, args, kwargs)
-                if not warned:
-                    warned.append(True)
-                    info = fn._artifacts.guard_manager.check_verbose(fn.prepare_f_locals(model, args, kwargs))
-                    parts = getattr(info, "verbose_code_parts", None) or [str(info)]
-                    reason = "failed guard: " + parts[0].split("  #")[0]
-                    warnings.warn(f"bwta: the compiled model {str(path)!r} does not fit this call ({reason}); "
-                                  "running the model without bwta", stacklevel=2)
+            if fns and not warned:
+                warned.append(True)
+                why = "; ".join(f"graph {i}: {_failed_guard(fn, model, args, kwargs)}" for i, fn in enumerate(fns))
+                warnings.warn(f"bwta: the compiled model {str(path)!r} does not fit this call (failed guards: {why}); "
+                              "running the model without bwta", stacklevel=2)
             return model(*args, **kwargs)
 
     return run
+
+
+def _failed_guard(fn: Any, model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
+    info = fn._artifacts.guard_manager.check_verbose(fn.prepare_f_locals(model, args, kwargs))
+    parts = getattr(info, "verbose_code_parts", None) or [str(info)]
+    return parts[0].split("  #")[0].strip()

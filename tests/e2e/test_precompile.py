@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -138,3 +139,38 @@ def test_a_forward_torch_cannot_save_is_refused_with_the_reason(tmp_path):
     with torch.no_grad():   # the model is untouched: torch.compile with bwta still runs it
         c = torch.compile(q, backend="bwta", options={"fallback": "eager"})
         assert torch.equal(c(input_ids=ids).last_hidden_state, q(input_ids=ids).last_hidden_state)
+
+
+def test_a_decoder_saved_with_prefill_and_decode_steps_serves_other_lengths(tmp_path):
+    from bwta_compiler import kernel_registry
+    from bwta_compiler.models import Decoder, DecoderConfig
+
+    cfg = DecoderConfig.tiny()
+    q = bc.quantize(Decoder(cfg).eval()).eval()      # not frozen: weights packed at the first call
+    prompt = torch.randint(0, cfg.vocab_size, (2, 7))
+    step = torch.randint(0, cfg.vocab_size, (2, 1))
+    with torch.no_grad():
+        _, cache = q(prompt)
+        _, cache2 = q(step, cache)
+    # A step's cache has other strides than the prefill's: one more graph for it.
+    bc.save_compiled(q, (prompt,), tmp_path / "dec.bwta", more_calls=[((step, cache), {}), ((step, cache2), {})])
+    fn = bc.load_compiled(q, tmp_path / "dec.bwta")
+    looked_up = []
+    get = kernel_registry.get
+    kernel_registry.get = lambda name: (looked_up.append(name), get(name))[1]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("error", message="bwta")
+            ids = torch.randint(0, cfg.vocab_size, (2, 13))      # another prompt length
+            out, c = fn(ids)
+            ref, rc = q(ids)
+            assert torch.equal(out, ref)
+            for _ in range(3):
+                tok = torch.randint(0, cfg.vocab_size, (2, 1))
+                out, c = fn(tok, c)
+                ref, rc = q(tok, rc)
+                assert torch.equal(out, ref)
+                assert all(torch.equal(a, b) for pa, pb in zip(c, rc) for a, b in zip(pa, pb))
+    finally:
+        kernel_registry.get = get
+    assert len(looked_up) >= 4 * 2 * 7      # 4 calls, each through 2 layers x 7 linear kernels at least
