@@ -79,7 +79,7 @@ def _constant_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> dict[int
         source = source() if callable(source) else source
         # Without a grapharg (torch's ahead-of-time capture), the placeholder's name still spells
         # its source: L['model']._buffers['w'] -> l_model_buffers_w_.
-        named = "_buffers_" in node.name or "_parameters_" in node.name if grapharg is None else False
+        named = grapharg is None and ("_buffers_" in node.name or "_parameters_" in node.name)
         if isinstance(value, torch.nn.Parameter) or "_buffers[" in source or "_parameters[" in source or named:
             out[i] = value
     return out
