@@ -30,6 +30,7 @@ import inspect
 import re
 import sys
 import textwrap
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -120,6 +121,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         if (isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)) \
                 or _is_hf_conv1d(mod):
             choice, why = _linear_choice(config, name, mod, heads, direct)
+            if choice == "bwta" and (own := _own_forward(mod)):
+                choice, why = "float", own
             if choice == "bwta" and _is_hf_conv1d(mod):
                 choice, why = _conv1d_tie_choice(name, mod, holders, config, heads, direct)
             if choice == "bwta":
@@ -154,8 +157,16 @@ def _device_of(model: nn.Module) -> torch.device:
 def _disable_torch_fast_paths(model: nn.Module) -> None:
     """nn.TransformerEncoderLayer / nn.TransformerEncoder have a fused float inference fast path that
     reads ``linear1.weight`` etc. directly (and nested tensors for padding masks): it would skip the
-    BWTA layers, so it is turned off where a layer holds any."""
+    BWTA layers, so it is turned off where a layer holds any.
+
+    A float nn.MultiheadAttention (kept float by a rule, or a subclass with its own forward) in a model
+    with BWTA layers runs its eager fast path (``torch._native_multi_head_attention``) while a
+    compiled graph runs the decomposed one: float results an ulp apart that the next BWTA quantizer
+    turns into different codes, so the compiled model was not bitwise the eager one.  Its eager calls
+    now take the decomposed path too."""
     bwta_types = (BWTALinear, BWTAMultiheadAttention, BWTAAttention)
+    if not any(isinstance(m, bwta_types) for m in model.modules()):
+        return
     for mod in model.modules():
         if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and any(
                 isinstance(m, bwta_types) for m in mod.modules()):
@@ -163,6 +174,20 @@ def _disable_torch_fast_paths(model: nn.Module) -> None:
                 mod.use_nested_tensor = False
             else:
                 mod.activation_relu_or_gelu = 0      # only read by the fast-path check
+        if isinstance(mod, nn.MultiheadAttention) and "forward" not in mod.__dict__:
+            mod.forward = types.MethodType(_mha_without_fast_path, mod)
+
+
+def _mha_without_fast_path(self, *args, **kwargs):
+    """nn.MultiheadAttention's forward with torch's MHA fast path off for eager calls (a compiled
+    graph never takes it); bound to the module, so a deep copy calls its own."""
+    if torch.compiler.is_compiling() or not torch.backends.mha.get_fastpath_enabled():
+        return type(self).forward(self, *args, **kwargs)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
@@ -213,10 +238,59 @@ def _conv1d_tie_choice(name: str, mod: nn.Module, holders: dict[int, list[tuple[
     return "bwta", ""
 
 
+def _own_forward(mod: nn.Module) -> str:
+    """The reason a subclass of nn.Linear / Conv1D / nn.MultiheadAttention that overrides ``forward``
+    (a LoRA layer adding ``B(A(x))``, a subclass adding a bias to ``attn_mask``) is not swapped: the
+    BWTA module put in its place would run instead of that forward and silently drop what it adds
+    (and the report listed its submodules as BWTA layers that never ran).  A linear subclass whose
+    forward computes the plain linear layer (Falcon's ``FalconLinear``: ``x @ self.weight.T + bias``)
+    is swapped: its forward is checked on a random input.  "" when the module can be swapped."""
+    if isinstance(mod, nn.MultiheadAttention):
+        base = nn.MultiheadAttention
+    elif isinstance(mod, nn.Linear):
+        base = nn.Linear
+    else:
+        base = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if base is None or getattr(type(mod), "forward", None) is getattr(base, "forward", None):
+        return ""
+    why = f"{type(mod).__name__} subclasses {base.__name__} with its own forward"
+    if base is nn.MultiheadAttention:
+        return why + ": a BWTA module in its place would not run that forward, so it stays float"
+    if _computes_plain_linear(mod):
+        return ""
+    return why + (", which does not compute the plain linear layer (checked on a random input): a BWTA "
+                  "module in its place would not run that forward, so it stays float")
+
+
+def _computes_plain_linear(mod: nn.Module) -> bool:
+    """Whether a linear subclass's own forward gives ``x @ W^T + b`` on a random input (a generator of
+    its own: the caller's random stream is untouched; hooks are not run)."""
+    w = mod.weight
+    w = w.t() if not isinstance(mod, nn.Linear) else w          # Conv1D stores [in, out]
+    if w.device.type == "meta" or w.dim() != 2:
+        # Nothing to run: swap it only when it holds nothing but its weight and bias.
+        return not list(mod.children()) and set(n for n, _ in mod.named_parameters()) <= {"weight", "bias"} \
+            and not list(mod.buffers())
+    try:
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        x = torch.randn(3, w.shape[1], generator=gen, device=w.device, dtype=torch.float32).to(w.dtype)
+        with torch.no_grad():
+            out = type(mod).forward(mod, x)
+            ref = F.linear(x, w, mod.bias)
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+            return False
+        tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        return bool(torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol))
+    except Exception:                                   # needs other arguments, another input shape...
+        return False
+
+
 def _swap_mha(name: str, mod: nn.MultiheadAttention, choice: Choice,
               config: QuantConfig) -> tuple[ReportEntry, nn.Module | None]:
     if choice != "bwta":
         return ReportEntry(name, "attention", "float", "kept float by rule"), None
+    if own := _own_forward(mod):
+        return ReportEntry(name, "attention", "float", own + " (its projections and attention too)"), None
     try:
         new = BWTAMultiheadAttention(mod, config.act)
     except NotImplementedError as e:
@@ -652,15 +726,21 @@ def _activations(operands: tuple) -> bool:
 
 
 def _redirect(model: nn.Module, mod: nn.Module, config: QuantConfig) -> None:
-    """Give ``mod`` a BWTA core and run its forward under :class:`_AttentionRedirect`."""
+    """Give ``mod`` a BWTA core and run its forward under :class:`_AttentionRedirect`.
+
+    The new forward is a method bound to ``mod`` (and a forward ``mod`` already had of its own is kept
+    as an attribute), not a closure over ``mod``: ``copy.deepcopy`` rebinds bound methods to the copy,
+    while a closure kept running the original module (its core, its projections) for the copy."""
     mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
-    original = mod.forward
+    if "forward" in mod.__dict__:
+        mod._bwta_inner_forward = mod.__dict__["forward"]
+    mod.forward = types.MethodType(_redirected_forward, mod)
 
-    def forward(*args, __orig=original, __mod=mod, **kwargs):
-        with _AttentionRedirect(__mod.bwta_core):
-            return __orig(*args, **kwargs)
 
-    mod.forward = forward
+def _redirected_forward(self, *args, **kwargs):
+    inner = self.__dict__.get("_bwta_inner_forward")
+    with _AttentionRedirect(self.bwta_core):
+        return inner(*args, **kwargs) if inner is not None else type(self).forward(self, *args, **kwargs)
 
 
 _SCORE_PRODUCTS = ("matmul", "bmm", "baddbmm", "einsum")

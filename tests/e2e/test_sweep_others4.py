@@ -11,15 +11,30 @@ were wrong or unreported.
   spellings of one plain attention of which one runs.  The single-attention check counted all four
   (two softmaxes, four products) and refused; it now counts per path through the forward, and such a
   layer's MatMuls / its F.scaled_dot_product_attention call are redirected to BWTA attention
-  (transformers' "cannot set attention implementation" warning is no longer triggered either).
+  (transformers' "cannot set attention implementation" warning is no longer triggered either);
+* a subclass of nn.Linear / nn.MultiheadAttention with its own forward (a LoRA layer adding
+  ``B(A(x))``, an MHA subclass adding a relative bias as ``attn_mask``) was swapped for a BWTA module:
+  the LoRA branch silently vanished (its A and B were still reported BWTA), the MHA subclass's callers
+  crashed (its forward has another signature) or lost the bias.  Such layers now stay float with the
+  reason; their submodules are quantized as usual;
+* a float nn.MultiheadAttention (kept float by a rule) in a model with BWTA layers ran torch's MHA fast
+  path eagerly and the decomposed attention compiled: an ulp apart, which the next ternary quantizer
+  turned into different codes, so ``fallback="eager"`` was not bitwise the eager model;
+* ``copy.deepcopy`` of a quantized model with a redirected attention (modules calling
+  F.scaled_dot_product_attention, Bloom, MPNet, Falcon...) gave a copy that ran the *original's*
+  forward (its attention core, its projections): the redirect was a closure over the original module.
 """
+
+import copy
 
 import pytest
 import torch
+from model_zoo import SDPABlock
 from torch import nn
 
 import bwta_compiler as bc
 from bwta_compiler.modules import BWTALinear
+from bwta_compiler.quantize import QuantConfig
 
 EAGER = {"fallback": "eager"}
 
@@ -124,3 +139,87 @@ def test_falcon_attention_is_routed(impl, alibi, recwarn):
     rep = _compile_and_compare(q, [((ids,), {}), ((torch.randint(0, 100, (2, 7)),), {"attention_mask": mask})])
     # 4 linears + Q·Kᵀ + P·V low bit, the LM head float (per graph).
     assert rep.lowbit == 6 * len(rep.graphs) and rep.total == 7 * len(rep.graphs), str(rep)
+
+
+# ---- subclasses with their own forward -------------------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, i, o, r=4):
+        super().__init__(i, o)
+        self.A, self.B = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.B(self.A(x)) * 2.0
+
+
+class BiasedMHA(nn.MultiheadAttention):
+    """Adds a learned per-head linear position bias as attn_mask, then calls nn.MultiheadAttention."""
+
+    def __init__(self, d, h):
+        super().__init__(d, h, batch_first=True)
+        self.rel = nn.Parameter(torch.randn(h, 1, 1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        mask = (self.rel * torch.arange(t, dtype=x.dtype)).expand(self.num_heads, t, t).repeat(b, 1, 1)
+        return super().forward(x, x, x, attn_mask=mask, need_weights=False)
+
+
+class SubclassModel(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.lora, self.att, self.out = LoRALinear(d, d), BiasedMHA(d, 4), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.out(self.att(torch.relu(self.lora(x)))[0])
+
+
+def test_subclasses_with_their_own_forward_stay_float():
+    torch.manual_seed(0)
+    model = SubclassModel().eval()
+    q = bc.quantize(model)
+    entries = {e.name: e for e in q.bwta_report}
+    assert type(q.lora) is LoRALinear and entries["lora"].choice == "float", entries["lora"]
+    assert "LoRALinear subclasses Linear with its own forward" in entries["lora"].reason
+    assert type(q.att) is BiasedMHA and entries["att"].choice == "float", entries["att"]
+    assert "BiasedMHA subclasses MultiheadAttention" in entries["att"].reason
+    assert isinstance(q.lora.A, BWTALinear) and isinstance(q.lora.B, BWTALinear) and isinstance(q.out, BWTALinear)
+    x = torch.randn(2, 7, 32)
+    rep = _compile_and_compare(q, [((x,), {}), ((torch.randn(2, 5, 32),), {})])
+    # lora.A, lora.B, out low bit; the LoRA base weight, the MHA in/out projections and its Q·Kᵀ, P·V float.
+    assert rep.lowbit == 3 * len(rep.graphs) and rep.total == 8 * len(rep.graphs), str(rep)
+    # The subclass's own forward still runs: the MHA part is the float model's own.
+    with torch.no_grad():
+        h = torch.relu(q.lora(x))
+        torch.testing.assert_close(q.att(h)[0], model.att(h)[0])
+
+
+def test_float_multihead_attention_in_a_bwta_model_is_bitwise():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    q = bc.quantize(nn.Sequential(layer).eval(), QuantConfig(rules=[(r"self_attn", "float")]))
+    assert isinstance(q[0].linear1, BWTALinear) and type(q[0].self_attn) is nn.MultiheadAttention
+    # The attention's float output reaches the layer's output through the residual: an ulp there shows.
+    calls = [((torch.randn(2, 7, 32),), {}) for _ in range(3)]
+    rep = _compile_and_compare(q, calls)
+    assert rep.lowbit == 2 and rep.total == 6, str(rep)    # linear1, linear2; in/out proj, Q·Kᵀ, P·V float
+
+
+def test_deepcopy_of_redirected_attention_runs_its_own_modules():
+    torch.manual_seed(0)
+    q = bc.quantize(SDPABlock().eval())
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        q(x)
+        twin = copy.deepcopy(q)
+        assert torch.equal(twin(x), q(x))
+        twin.bwta_core.q_quant.scale.mul_(3.0)            # the copy's own attention scale
+        assert not torch.equal(twin(x), q(x))
+        twin.proj.bias.add_(1.0)
+        ref = q(x)
+    assert twin.bwta_core is not q.bwta_core
+    rep = _compile_and_compare(twin, [((x,), {})])
+    assert rep.lowbit == rep.total == 4, str(rep)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref)
