@@ -16,7 +16,10 @@ were wrong or unreported.
   ``B(A(x))``, an MHA subclass adding a relative bias as ``attn_mask``) was swapped for a BWTA module:
   the LoRA branch silently vanished (its A and B were still reported BWTA), the MHA subclass's callers
   crashed (its forward has another signature) or lost the bias.  Such layers now stay float with the
-  reason; their submodules are quantized as usual;
+  reason; their submodules are quantized as usual.  Hugging Face's PhiMoE and Llama4 routers are such
+  nn.Linear subclasses (their forward returns a tuple): the first forward failed ("too many values
+  to unpack").  A subclass whose forward is the plain linear layer (Falcon's FalconLinear) is still
+  swapped: its forward is checked on a random input;
 * a float nn.MultiheadAttention (kept float by a rule) in a model with BWTA layers ran torch's MHA fast
   path eagerly and the decomposed attention compiled: an ulp apart, which the next ternary quantizer
   turned into different codes, so ``fallback="eager"`` was not bitwise the eager model;
@@ -223,3 +226,17 @@ def test_deepcopy_of_redirected_attention_runs_its_own_modules():
     assert rep.lowbit == rep.total == 4, str(rep)
     with torch.no_grad():
         assert torch.equal(q(x), ref)
+
+
+def test_hf_moe_router_subclassing_linear_stays_float():
+    tf = _tf()
+    torch.manual_seed(0)
+    cfg = tf.PhimoeConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    q = bc.quantize(tf.PhimoeForCausalLM(cfg).eval())
+    router = next(e for e in q.bwta_report if e.name.endswith("mlp.router"))
+    assert router.choice == "float" and "PhimoeTopKRouter subclasses Linear" in router.reason, router
+    assert type(q.get_submodule(router.name)).__name__ == "PhimoeTopKRouter"
+    rep = _compile_and_compare(q, [((torch.randint(0, 100, (2, 5)),), {})])
+    # q, k, v, o, Q·Kᵀ, P·V low bit; the router, the experts' two grouped MatMuls and the LM head float.
+    assert rep.lowbit == 6 and rep.total == 10, str(rep)
