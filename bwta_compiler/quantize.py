@@ -163,13 +163,17 @@ def _disable_torch_fast_paths(model: nn.Module) -> None:
     with BWTA layers runs its eager fast path (``torch._native_multi_head_attention``) while a
     compiled graph runs the decomposed one: float results an ulp apart that the next BWTA quantizer
     turns into different codes, so the compiled model was not bitwise the eager one.  Its eager calls
-    now take the decomposed path too."""
+    now take the decomposed path too.  The same holds for float nn.TransformerEncoder(Layer)s in such a
+    model: a float encoder with a padding mask returned zeros at padded positions eagerly (nested
+    tensors) and other values compiled."""
     bwta_types = (BWTALinear, BWTAMultiheadAttention, BWTAAttention)
     if not any(isinstance(m, bwta_types) for m in model.modules()):
         return
     for mod in model.modules():
-        if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and any(
-                isinstance(m, bwta_types) for m in mod.modules()):
+        # Float ones too (kept float by a rule): their eager fast path (nested tensors: zeros at padded
+        # positions; the fused layer op) is not what a compiled graph runs, and their output feeds
+        # BWTA layers.
+        if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             if isinstance(mod, nn.TransformerEncoder):
                 mod.use_nested_tensor = False
             else:

@@ -22,7 +22,11 @@ were wrong or unreported.
   swapped: its forward is checked on a random input;
 * a float nn.MultiheadAttention (kept float by a rule) in a model with BWTA layers ran torch's MHA fast
   path eagerly and the decomposed attention compiled: an ulp apart, which the next ternary quantizer
-  turned into different codes, so ``fallback="eager"`` was not bitwise the eager model;
+  turned into different codes, so ``fallback="eager"`` was not bitwise the eager model.  Likewise a
+  float nn.TransformerEncoder (``enable_nested_tensor=True``, a ``src_key_padding_mask``) before a
+  BWTA layer: eagerly it ran the nested-tensor fast path (zeros at padded positions), compiled it did
+  not, and its six float MatMuls were missing from the report ("1 of 1 MatMuls run in low bit");
+  in a model with BWTA layers these fast paths are now off for float layers too;
 * ``copy.deepcopy`` of a quantized model with a redirected attention (modules calling
   F.scaled_dot_product_attention, Bloom, MPNet, Falcon...) gave a copy that ran the *original's*
   forward (its attention core, its projections): the redirect was a closure over the original module.
@@ -207,6 +211,26 @@ def test_float_multihead_attention_in_a_bwta_model_is_bitwise():
     calls = [((torch.randn(2, 7, 32),), {}) for _ in range(3)]
     rep = _compile_and_compare(q, calls)
     assert rep.lowbit == 2 and rep.total == 6, str(rep)    # linear1, linear2; in/out proj, Q·Kᵀ, P·V float
+
+
+class FloatEncoderThenHead(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 64, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+        self.head = nn.Linear(d, d)
+
+    def forward(self, x, kpm):
+        return self.head(self.enc(x, src_key_padding_mask=kpm))
+
+
+def test_float_nested_tensor_encoder_before_a_bwta_layer():
+    torch.manual_seed(0)
+    q = bc.quantize(FloatEncoderThenHead().eval(), QuantConfig(rules=[(r"^enc", "float")]))
+    kpm = torch.zeros(3, 9, dtype=torch.bool)
+    kpm[1, 5:] = kpm[2, 2:] = True
+    rep = _compile_and_compare(q, [((torch.randn(3, 9, 32), kpm), {}), ((torch.randn(3, 9, 32), kpm), {})])
+    assert rep.lowbit == 1 and rep.total == 7, str(rep)   # the head; in/out proj, Q·Kᵀ, P·V, 2 FFN float
 
 
 def test_deepcopy_of_redirected_attention_runs_its_own_modules():
