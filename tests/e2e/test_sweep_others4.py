@@ -146,6 +146,16 @@ def test_falcon_attention_is_routed(impl, alibi, recwarn):
     rep = _compile_and_compare(q, [((ids,), {}), ((torch.randint(0, 100, (2, 7)),), {"attention_mask": mask})])
     # 4 linears + Q·Kᵀ + P·V low bit, the LM head float (per graph).
     assert rep.lowbit == 6 * len(rep.graphs) and rep.total == 7 * len(rep.graphs), str(rep)
+    # The redirect computes Falcon's own attention: with pass-through quantizers and float linears
+    # the routed model is the float model (masks, ALiBi, multi-query heads included).
+    model = tf.FalconForCausalLM(cfg).eval()
+    routed = bc.quantize(model, QuantConfig(rules=[(r"(query_key_value|dense|lm_head|embed)", "float")]))
+    core = routed.transformer.h[0].self_attention.bwta_core
+    for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
+        quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
+    with torch.no_grad():
+        ref, out = model(ids, attention_mask=mask).logits, routed(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
 # ---- subclasses with their own forward -------------------------------------------------------
