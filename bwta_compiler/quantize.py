@@ -651,9 +651,17 @@ def _baddbmm_args(input, batch1, batch2, *, beta=1, alpha=1):
 
 
 def _computes_attention(mod: nn.Module) -> bool:
-    """A forward that multiplies activations around a softmax (hand-written attention)."""
+    """A forward that multiplies activations around a softmax (hand-written attention), itself or in a
+    method of its own it calls (``self._attn(q, k, v)``: GPT-Neo, OpenAI GPT)."""
+    def attention_like(code: str) -> bool:
+        return "softmax" in code and any(tok in code for tok in ("matmul", "@", "bmm", "einsum"))
+
     src = _forward_source(mod)
-    return "softmax" in src and any(tok in src for tok in ("matmul", "@", "bmm", "einsum"))
+    if attention_like(src):
+        return True
+    parsed = _forward_ast(mod) if src else None
+    return parsed is not None and any(attention_like(_code_without_docstrings(getattr(type(mod), name)))
+                                      for name in _helper_counts(mod, *parsed))
 
 
 def _is_weight(t: torch.Tensor) -> bool:
@@ -764,44 +772,68 @@ def _products(tree: ast.AST) -> int:
 def _single_attention(mod: nn.Module) -> bool:
     """``forward`` computes exactly one attention on every path through it: two products around one
     softmax, or one F.scaled_dot_product_attention call (Falcon has four spellings of its attention
-    behind ``if alibi`` / ``if sdpa`` branches, one of which runs), and calls no method of its own that
-    multiplies more (DeBERTa's disentangled c2p / p2c scores would each be taken for Q·Kᵀ and share
-    its quantizers)."""
-    src = _forward_source(mod)
-    if not src:
+    behind ``if alibi`` / ``if sdpa`` branches, one of which runs).  A method of its own that it calls
+    (``self._attn(q, k, v, mask)`` in GPT-Neo and OpenAI GPT) counts with what it computes, so
+    DeBERTa's disentangled c2p / p2c scores (which would each be taken for Q·Kᵀ and share its
+    quantizers) are more than one attention."""
+    parsed = _forward_ast(mod)
+    if parsed is None:
         return False
-    tree = ast.parse(src)
+    tree, this = parsed
     fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
-    paths = _attention_paths(fn.body) if fn is not None else None
-    if not paths or not paths <= {(0, 0, 0), (2, 1, 0), (0, 0, 1)} or paths == {(0, 0, 0)}:
-        return False
+    paths = _attention_paths(fn.body, _helper_counts(mod, tree, this), this) if fn is not None else None
+    return bool(paths) and paths <= {(0, 0, 0), (2, 1, 0), (0, 0, 1)} and paths != {(0, 0, 0)}
+
+
+_UNKNOWN = (100, 100, 100)      # counts of a helper that cannot be told: never one attention
+
+
+def _helper_counts(mod: nn.Module, tree: ast.AST, this: str) -> dict[str, tuple[int, int, int]]:
+    """Attention counts of the module's own methods its forward calls (``self._attn(...)``): the
+    counts of their one path, or :data:`_UNKNOWN` (several paths, or its source unreadable)."""
+    counts: dict[str, tuple[int, int, int]] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
-            method = getattr(type(mod), node.func.attr, None)
-            if inspect.isfunction(method) and _products(ast.parse(textwrap.dedent(inspect.getsource(method)))):
-                return False
-    return True
+        f = node.func if isinstance(node, ast.Call) else None
+        if not (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == this):
+            continue
+        method = getattr(type(mod), f.attr, None)
+        if f.attr in counts or f.attr == "forward" or not inspect.isfunction(method):
+            continue
+        parsed = _parsed_function(method)
+        body = next((n.body for n in ast.walk(parsed[0]) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
+                    None) if parsed is not None else None
+        paths = _attention_paths(body, {}, "") if body is not None else None
+        counts[f.attr] = next(iter(paths)) if paths is not None and len(paths) == 1 else _UNKNOWN
+    return counts
 
 
-def _attention_counts(node: ast.AST) -> tuple[int, int, int]:
-    """(score products, softmax calls, F.scaled_dot_product_attention calls) written in ``node``."""
+def _attention_counts(node: ast.AST, helpers: dict | None = None, this: str = "") -> tuple[int, int, int]:
+    """(score products, softmax calls, F.scaled_dot_product_attention calls) written in ``node``, with
+    those of the module's own methods it calls (``helpers``, by name)."""
     def name(n: ast.AST) -> str:
         f = n.func if isinstance(n, ast.Call) else None
         return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
 
-    calls = [name(n) for n in ast.walk(node) if isinstance(n, ast.Call)]
-    return _products(node), calls.count("softmax"), calls.count("scaled_dot_product_attention")
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+    names = [name(n) for n in calls]
+    total = (_products(node), names.count("softmax"), names.count("scaled_dot_product_attention"))
+    for n in calls:
+        f = n.func
+        if helpers and isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == this \
+                and f.attr in helpers:
+            total = _add(total, helpers[f.attr])
+    return total
 
 
 _MAX_PATHS = 256
 
 
-def _attention_paths(stmts: list[ast.stmt]) -> set[tuple[int, int, int]] | None:
+def _attention_paths(stmts: list[ast.stmt], helpers: dict | None = None,
+                     this: str = "self") -> set[tuple[int, int, int]] | None:
     """The attention counts (:func:`_attention_counts`) of every path through ``stmts`` that does not
     raise: ``if``/``else`` branches are separate paths, a ``return`` ends one.  None when it cannot tell
     (attention written in a loop, too many paths)."""
-    res = _paths(stmts)
+    res = _paths(stmts, lambda node: _attention_counts(node, helpers, this))
     if res is None:
         return None
     open_, done = res
@@ -812,36 +844,36 @@ def _add(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b))
 
 
-def _paths(stmts: list[ast.stmt]) -> tuple[set, set] | None:
+def _paths(stmts: list[ast.stmt], count) -> tuple[set, set] | None:
     """(counts of the paths that run off the end, counts of the paths that returned)."""
     open_, done = {(0, 0, 0)}, set()
     for st in stmts:
         if isinstance(st, ast.If):
-            body, orelse = _paths(st.body), _paths(st.orelse)
+            body, orelse = _paths(st.body, count), _paths(st.orelse, count)
             if body is None or orelse is None:
                 return None
-            test = _attention_counts(st.test)
+            test = count(st.test)
             new = {_add(_add(p, test), d) for p in open_ for d in body[0] | orelse[0]}
             done |= {_add(_add(p, test), d) for p in open_ for d in body[1] | orelse[1]}
             open_ = new
         elif isinstance(st, ast.Return):
-            done |= {_add(p, _attention_counts(st)) for p in open_}
+            done |= {_add(p, count(st)) for p in open_}
             open_ = set()
         elif isinstance(st, ast.Raise):
             open_ = set()
         elif isinstance(st, (ast.With, ast.AsyncWith)):
-            inner = _paths(st.body)
+            inner = _paths(st.body, count)
             if inner is None:
                 return None
             items = (0, 0, 0)
             for item in st.items:
-                items = _add(items, _attention_counts(item.context_expr))
+                items = _add(items, count(item.context_expr))
             done |= {_add(_add(p, items), d) for p in open_ for d in inner[1]}
             open_ = {_add(_add(p, items), d) for p in open_ for d in inner[0]}
-        elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)) and _attention_counts(st) != (0, 0, 0):
+        elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)) and count(st) != (0, 0, 0):
             return None                  # attention inside a loop: as many as it iterates
         else:
-            c = _attention_counts(st)
+            c = count(st)
             open_ = {_add(p, c) for p in open_}
         if len(open_) + len(done) > _MAX_PATHS:
             return None

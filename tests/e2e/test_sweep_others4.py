@@ -12,6 +12,10 @@ were wrong or unreported.
   (two softmaxes, four products) and refused; it now counts per path through the forward, and such a
   layer's MatMuls / its F.scaled_dot_product_attention call are redirected to BWTA attention
   (transformers' "cannot set attention implementation" warning is no longer triggered either);
+* attention computed in a method of the module's own (``self._attn(q, k, v, mask)``: OpenAI GPT,
+  GPT-Neo) was not seen: OpenAI GPT's attention was not even listed in the quantize report (it ran
+  float, "4 of 7 MatMuls"), GPT-Neo's was listed float.  The forward's own methods now count with
+  what they compute, and one plain attention in them is redirected;
 * a subclass of nn.Linear / nn.MultiheadAttention with its own forward (a LoRA layer adding
   ``B(A(x))``, an MHA subclass adding a relative bias as ``attn_mask``) was swapped for a BWTA module:
   the LoRA branch silently vanished (its A and B were still reported BWTA), the MHA subclass's callers
@@ -274,3 +278,41 @@ def test_hf_moe_router_subclassing_linear_stays_float():
     rep = _compile_and_compare(q, [((torch.randint(0, 100, (2, 5)),), {})])
     # q, k, v, o, Q·Kᵀ, P·V low bit; the router, the experts' two grouped MatMuls and the LM head float.
     assert rep.lowbit == 6 and rep.total == 10, str(rep)
+
+
+def _pass_through(q: nn.Module) -> int:
+    """Redirected attention cores whose quantizers pass values through (codes = x, scale 1)."""
+    cores = [m.bwta_core for m in q.modules() if isinstance(getattr(m, "bwta_core", None), bc.BWTAAttention)]
+    for core in cores:
+        for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
+            quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
+    return len(cores)
+
+
+@pytest.mark.parametrize("name", ["openai", "gpt_neo"])
+def test_attention_in_a_helper_method_is_redirected(name):
+    tf = _tf()
+    torch.manual_seed(0)
+    if name == "openai":
+        model = tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(vocab_size=100, n_embd=64, n_layer=1, n_head=4, n_positions=64))
+        keep_float = r"(c_attn|c_proj|c_fc|lm_head|embed)"
+    else:
+        model = tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
+                                                     attention_types=[[["global", "local"], 1]], window_size=4,
+                                                     max_position_embeddings=64))
+        keep_float = r"(proj|c_fc|lm_head|embed)"
+    model.eval()
+    ids, mask = torch.randint(0, 100, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    q = bc.quantize(model)
+    att = [e for e in q.bwta_report if e.kind == "attention"]
+    assert att and all(e.choice == "bwta" for e in att), att
+    # With pass-through quantizers and float linears the redirected model is the float model.
+    routed = bc.quantize(model, QuantConfig(rules=[(keep_float, "float")]))
+    assert _pass_through(routed) == len(att)
+    with torch.no_grad():
+        ref, out = model(ids, attention_mask=mask).logits, routed(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    if name == "openai":
+        rep = _compile_and_compare(q, [((ids,), {"attention_mask": mask})])
+        assert rep.lowbit == 6 and rep.total == 7, str(rep)      # 4 Conv1D + Q·Kᵀ + P·V; the LM head float
