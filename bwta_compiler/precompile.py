@@ -61,8 +61,8 @@ class SavedGraph(SerializableCallable):
     def serialize_compile_artifacts(cls, fn: SavedGraph) -> bytes:
         from torch.fx._graph_pickler import GraphPickler, Options
 
-        gm = GraphModule(fn.gm, fn.gm.graph)  # a shallow copy whose node meta can be dropped
-        for node in gm.graph.nodes:
+        gm = fn.gm
+        for node in gm.graph.nodes:   # running the graph needs no meta (fake values, stack traces)
             node.meta = {}
         covered = {s for _, p, a in fn.binder.slots for s in (p, a) if s is not None}
         state = {
