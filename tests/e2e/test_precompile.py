@@ -174,3 +174,28 @@ def test_a_decoder_saved_with_prefill_and_decode_steps_serves_other_lengths(tmp_
     finally:
         kernel_registry.get = get
     assert len(looked_up) >= 4 * 2 * 7      # 4 calls, each through 2 layers x 7 linear kernels at least
+
+
+def test_a_model_built_under_inference_mode_saves_and_runs_its_kernels(tmp_path):
+    from model_zoo import SDPABlock
+
+    from bwta_compiler import kernel_registry
+
+    with torch.inference_mode():      # its parameters are inference tensors
+        q = bc.quantize(SDPABlock(64, 4).eval()).eval()
+        q(torch.randn(2, 9, 64))
+    bc.save_compiled(q, (torch.randn(2, 9, 64),), tmp_path / "m.bwta")
+    fn = bc.load_compiled(q, tmp_path / "m.bwta")
+    looked_up = []
+    get = kernel_registry.get
+    kernel_registry.get = lambda name: (looked_up.append(name), get(name))[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="bwta")
+            x = torch.randn(3, 5, 64)
+            out = fn(x)
+    finally:
+        kernel_registry.get = get
+    with torch.no_grad():
+        assert torch.equal(out, q(x))
+    assert len(looked_up) == 4        # fused QKV, Q·Kᵀ, P·V, output projection: all through kernels
