@@ -30,7 +30,6 @@ import inspect
 import re
 import sys
 import textwrap
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -179,7 +178,19 @@ def _disable_torch_fast_paths(model: nn.Module) -> None:
             else:
                 mod.activation_relu_or_gelu = 0      # only read by the fast-path check
         if isinstance(mod, nn.MultiheadAttention) and "forward" not in mod.__dict__:
-            mod.forward = types.MethodType(_mha_without_fast_path, mod)
+            mod.forward = _BoundForward(mod, _mha_without_fast_path)
+
+
+class _BoundForward:
+    """``fn`` bound to ``module`` as its instance ``forward``.  Unlike a closure over the module, a deep
+    copy calls the copy's own modules; unlike a ``types.MethodType`` of a function the class does not
+    have, it pickles (``torch.save(model)``) and loads."""
+
+    def __init__(self, module: nn.Module, fn) -> None:
+        self.module, self.fn = module, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
 
 
 def _mha_without_fast_path(self, *args, **kwargs):
@@ -273,7 +284,7 @@ def _computes_plain_linear(mod: nn.Module) -> bool:
     w = w.t() if not isinstance(mod, nn.Linear) else w          # Conv1D stores [in, out]
     if w.device.type == "meta" or w.dim() != 2:
         # Nothing to run: swap it only when it holds nothing but its weight and bias.
-        return not list(mod.children()) and set(n for n, _ in mod.named_parameters()) <= {"weight", "bias"} \
+        return not list(mod.children()) and {n for n, _ in mod.named_parameters()} <= {"weight", "bias"} \
             and not list(mod.buffers())
     try:
         gen = torch.Generator(device=w.device).manual_seed(0)
@@ -285,7 +296,7 @@ def _computes_plain_linear(mod: nn.Module) -> bool:
             return False
         tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
         return bool(torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol))
-    except Exception:                                   # needs other arguments, another input shape...
+    except Exception:  # noqa: BLE001 -- user code: needs other arguments, another input shape...
         return False
 
 
@@ -740,13 +751,13 @@ def _activations(operands: tuple) -> bool:
 def _redirect(model: nn.Module, mod: nn.Module, config: QuantConfig) -> None:
     """Give ``mod`` a BWTA core and run its forward under :class:`_AttentionRedirect`.
 
-    The new forward is a method bound to ``mod`` (and a forward ``mod`` already had of its own is kept
-    as an attribute), not a closure over ``mod``: ``copy.deepcopy`` rebinds bound methods to the copy,
-    while a closure kept running the original module (its core, its projections) for the copy."""
+    The new forward is bound to ``mod`` (:class:`_BoundForward`; a forward ``mod`` already had of its
+    own is kept as an attribute), not a closure over ``mod``: a deep copy of the model kept running the
+    original module (its core, its projections) for the copy, and the model could not be pickled."""
     mod.bwta_core = BWTAAttention(config.levels).to(_device_of(model))
     if "forward" in mod.__dict__:
         mod._bwta_inner_forward = mod.__dict__["forward"]
-    mod.forward = types.MethodType(_redirected_forward, mod)
+    mod.forward = _BoundForward(mod, _redirected_forward)
 
 
 def _redirected_forward(self, *args, **kwargs):
