@@ -185,9 +185,18 @@ class BWTALinear(nn.Module):
         """Replace the float weight by its packed binary codes and per-channel scale (deployment)."""
         if self.frozen:
             return self
-        with torch.no_grad():
-            code, alpha = ops.binary_code_eager(self.weight.detach())
-            packed = formats.pack_binary_codes(code, pad_bits)
+        w = self.weight.detach()
+        if w.is_meta:
+            # A skeleton that a frozen checkpoint will be loaded into (load_state_dict(assign=True)):
+            # only shapes and dtypes exist, and running the packing on meta tensors took 0.58 s
+            # for a BERT-base-sized encoder, a tenth of a deployment's start.
+            packed = torch.empty(w.shape[0], formats.num_words(w.shape[1], pad_bits), dtype=torch.int32,
+                                 device="meta")
+            alpha = torch.empty(w.shape[0], dtype=torch.float32, device="meta")
+        else:
+            with torch.no_grad():
+                code, alpha = ops.binary_code_eager(w)
+                packed = formats.pack_binary_codes(code, pad_bits)
         del self.weight
         self.weight = None
         self.register_buffer("weight_packed", packed)

@@ -212,3 +212,18 @@ def test_hf_attention_that_stays_float_is_reported():
     for model, why in ((deberta, "computes attention itself"), (gemma2, "softcap")):
         entries = [e for e in bc.quantize(model.eval()).bwta_report if e.kind == "attention"]
         assert len(entries) == 1 and entries[0].choice == "float" and why in entries[0].reason, entries
+
+
+@pytest.mark.parametrize("k, n, pad_bits", [(64, 8, 64), (100, 7, 64), (33, 5, 128)])
+def test_freezing_a_meta_skeleton_gives_the_buffers_a_real_freeze_gives(k, n, pad_bits):
+    real = bc.freeze(bc.quantize(nn.Sequential(nn.Linear(k, n))), pad_bits)
+    with torch.device("meta"):
+        meta = bc.freeze(bc.quantize(nn.Sequential(nn.Linear(k, n))), pad_bits)
+    real_sd, meta_sd = real.state_dict(), meta.state_dict()
+    assert real_sd.keys() == meta_sd.keys()
+    for name, t in real_sd.items():
+        assert meta_sd[name].is_meta and (meta_sd[name].shape, meta_sd[name].dtype) == (t.shape, t.dtype), name
+    meta.load_state_dict(real_sd, assign=True)      # what a deployment does with the skeleton
+    x = torch.randn(3, k)
+    with torch.no_grad():
+        assert torch.equal(meta(x), real(x))
