@@ -145,14 +145,14 @@ def _saving_backend(options: dict[str, Any]) -> Callable:
         constants = _constant_inputs(gm, example_inputs)
         inference = functools.partial(_compile_inference, cfg=cfg, constants=constants, graph_id=next_graph_id(),
                                       capture=captured)
-        # torch's ahead-of-time capture asks AOTAutograd for a cacheable (inductor) result; bwta's
-        # graph is saved by SavedGraph instead.
         # Inference tensors (a model built under torch.inference_mode()) reach AOTAutograd as real
         # tensors here, and its functionalization cannot mirror their autograd state: give it
         # Dynamo's fake values for them (their real values stay in ``constants`` for folding).
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         inputs = [n.meta.get("example_value", v) if isinstance(v, torch.Tensor) and v.is_inference() else v
                   for n, v in zip(placeholders, example_inputs)]
+        # torch's ahead-of-time capture asks AOTAutograd for a cacheable (inductor) result; bwta's
+        # graph is saved by SavedGraph instead.
         with torch._functorch.config.patch(strict_autograd_cache=False, force_autograd_cache=False,
                                            bundled_autograd_cache=False):
             aot_autograd(fw_compiler=inference, inference_compiler=inference,
