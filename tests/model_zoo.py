@@ -70,3 +70,16 @@ def float_routed_mha(mha: nn.MultiheadAttention) -> nn.Module:
         setattr(b, name, f)
     b.core = AttentionCore()
     return b
+
+
+def pass_through_attention_codes(q: nn.Module) -> int:
+    """Make the quantizers of every BWTA attention core that quantize() redirected a module's own
+    attention to pass values through (codes = x, scale 1): the redirected model must then compute
+    the model's own float attention.  Returns how many cores there are."""
+    from bwta_compiler import BWTAAttention
+
+    cores = [m.bwta_core for m in q.modules() if isinstance(getattr(m, "bwta_core", None), BWTAAttention)]
+    for core in cores:
+        for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
+            quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
+    return len(cores)

@@ -24,7 +24,7 @@ from unittest import mock
 
 import pytest
 import torch
-from model_zoo import float_routed_mha
+from model_zoo import float_routed_mha, pass_through_attention_codes
 from torch import nn
 
 import bwta_compiler as bc
@@ -253,16 +253,6 @@ def test_hf_output_attentions_are_the_quantized_probabilities():
     assert torch.equal(compiled.attentions[0], att) and torch.equal(compiled.logits, out.logits)
 
 
-def _identity_codes(q: nn.Module) -> int:
-    """Make every redirected attention core's quantizers pass values through (codes = x, scale 1):
-    the redirected model must then compute the model's own float attention."""
-    cores = [m.bwta_core for m in q.modules() if hasattr(m, "bwta_core")]
-    for core in cores:
-        for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
-            quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
-    return len(cores)
-
-
 @pytest.mark.parametrize("name", ["bloom", "mpnet"])
 def test_hf_self_computed_attention_is_redirected(name):
     tf = pytest.importorskip("transformers")
@@ -280,7 +270,7 @@ def test_hf_self_computed_attention_is_redirected(name):
         mask[0, 5:] = 0                       # right padding
     x = torch.randint(3, 90, (2, 7))
     routed = bc.quantize(model, QuantConfig(rules=[(keep_float, "float")]))
-    assert _identity_codes(routed) == 1
+    assert pass_through_attention_codes(routed) == 1
     with torch.no_grad():
         ref, out = model(x, attention_mask=mask), routed(x, attention_mask=mask)
     ref, out = (ref.logits, out.logits) if name == "bloom" else (ref.last_hidden_state, out.last_hidden_state)

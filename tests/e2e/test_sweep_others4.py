@@ -43,7 +43,7 @@ import io
 
 import pytest
 import torch
-from model_zoo import SDPABlock
+from model_zoo import SDPABlock, pass_through_attention_codes
 from torch import nn
 
 import bwta_compiler as bc
@@ -294,15 +294,6 @@ def test_hf_moe_router_subclassing_linear_stays_float():
     assert rep.lowbit == 6 and rep.total == 10, str(rep)
 
 
-def _pass_through(q: nn.Module) -> int:
-    """Redirected attention cores whose quantizers pass values through (codes = x, scale 1)."""
-    cores = [m.bwta_core for m in q.modules() if isinstance(getattr(m, "bwta_core", None), bc.BWTAAttention)]
-    for core in cores:
-        for quant in (core.q_quant, core.k_quant, core.v_quant, core.p_quant):
-            quant.codes = lambda x: (x, torch.ones((), dtype=x.dtype))
-    return len(cores)
-
-
 @pytest.mark.parametrize("name", ["openai", "gpt_neo"])
 def test_attention_in_a_helper_method_is_redirected(name):
     tf = _tf()
@@ -323,7 +314,7 @@ def test_attention_in_a_helper_method_is_redirected(name):
     assert att and all(e.choice == "bwta" for e in att), att
     # With pass-through quantizers and float linears the redirected model is the float model.
     routed = bc.quantize(model, QuantConfig(rules=[(keep_float, "float")]))
-    assert _pass_through(routed) == len(att)
+    assert pass_through_attention_codes(routed) == len(att)
     with torch.no_grad():
         ref, out = model(ids, attention_mask=mask).logits, routed(ids, attention_mask=mask).logits
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
