@@ -177,7 +177,8 @@ def _compile_inference(gm: GraphModule, fake_inputs: Sequence[Any], cfg: Config,
     _finish_report(rep, dump, ctx)
     folded = [(fw, ctx.params.get(_name_of(ctx, fw.input_index))) for fw in ctx.folded]
     folded = [(fw, t) for fw, t in folded if t is not None]
-    binder = WeightBinder(compiled, [fw for fw, _ in folded], [t for _, t in folded], names, tensors, cfg.pad_bits)
+    binder = WeightBinder(compiled, WeightBinder.slots_of([fw for fw, _ in folded], names), tensors, cfg.pad_bits,
+                          params=[t for _, t in folded])
     if capture is not None:
         tracing = torch._guards.TracingContext.try_get()
         capture.append({"gm": gm, "binder": binder, "n_inputs": len(fake_inputs),

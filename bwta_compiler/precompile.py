@@ -94,8 +94,7 @@ class SavedGraph(SerializableCallable):
             kernel_registry.register(name, kernel)
         gm = GraphPickler.loads(state["graph"], FakeTensorMode(shape_env=ShapeEnv()))
         gm.recompile()
-        binder = WeightBinder.from_slots(_boxed(gm.forward), state["slots"], state["base"],
-                                         state["pad_bits"])
+        binder = WeightBinder(_boxed(gm.forward), state["slots"], state["base"], state["pad_bits"])
         return cls(gm, binder, state["kernels"])
 
 

@@ -82,29 +82,30 @@ class WeightBinder:
 
     _boxed_call = True
 
-    def __init__(self, compiled: Callable, folded: Sequence[Any], params: Sequence[torch.Tensor],
-                 names: Sequence[str], tensors: Sequence[torch.Tensor], pad_bits: int) -> None:
+    def __init__(self, compiled: Callable, slots: Sequence[tuple[int, int | None, int | None]],
+                 base: Sequence[torch.Tensor | None], pad_bits: int,
+                 params: Sequence[torch.Tensor] | None = None) -> None:
+        """``slots``: per folded weight, (graph input index of the float parameter, slot of its
+        packed words, slot of its alpha) among the extra inputs ``base``.  ``params``: the
+        parameters ``base`` was packed from; without them (a loaded artifact) the first call packs
+        the weights of the parameters it is given, and ``base`` holds only the lifted constants
+        no slot recomputes."""
         self.compiled = compiled
         self.pad_bits = pad_bits
-        position = {name: i for i, name in enumerate(names)}
-        # (graph input index of the float parameter, slot of its packed words, slot of its alpha)
-        self.slots = [(fw.input_index, position.get(fw.packed_attr), position.get(fw.alpha_attr))
-                      for fw in folded]
-        self.base = list(tensors)
+        self.slots = list(slots)
+        self.base = list(base)
         self.sets: OrderedDict[int, _BoundSet] = OrderedDict()
-        self.last = _BoundSet(params, self.base)
-        self.sets[id(self.last)] = self.last
+        self.last: _BoundSet | None = None
+        if params is not None:
+            self.last = _BoundSet(params, self.base)
+            self.sets[id(self.last)] = self.last
         self.lock = threading.Lock()
 
-    @classmethod
-    def from_slots(cls, compiled: Callable, slots: Sequence[tuple[int, int | None, int | None]],
-                   base: Sequence[torch.Tensor | None], pad_bits: int) -> WeightBinder:
-        """A binder with no packed set yet (a loaded artifact): the first call packs the weights of
-        the parameters it is given; ``base`` holds the lifted constants no slot recomputes."""
-        self = cls.__new__(cls)
-        self.compiled, self.pad_bits, self.slots, self.base = compiled, pad_bits, list(slots), list(base)
-        self.sets, self.last, self.lock = OrderedDict(), None, threading.Lock()
-        return self
+    @staticmethod
+    def slots_of(folded: Sequence[Any], names: Sequence[str]) -> list[tuple[int, int | None, int | None]]:
+        """The slots of the folded weights ``folded`` among the lifted constants ``names``."""
+        position = {name: i for i, name in enumerate(names)}
+        return [(fw.input_index, position.get(fw.packed_attr), position.get(fw.alpha_attr)) for fw in folded]
 
     def __call__(self, args: list) -> Any:
         params = [args[i] for i, _, _ in self.slots]
