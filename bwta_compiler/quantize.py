@@ -595,8 +595,20 @@ def _forward_ast(mod: nn.Module) -> tuple[ast.Module, str] | None:
 def _parsed_function(fn) -> tuple[ast.Module, str] | None:
     # Cached per function like its source; callers only read the tree.
     tree = ast.parse(_code_without_docstrings(fn))
-    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    node = _function_node(tree)
     return (tree, node.args.args[0].arg) if node is not None and node.args.args else None
+
+
+def _function_node(tree: ast.AST) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The (first) function definition in ``tree``: the parsed function itself."""
+    return next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+
+
+def _module_attribute(node: ast.AST, this: str) -> str:
+    """``name`` when ``node`` is ``<this>.name`` (an attribute of the module, ``this`` being the
+    name its method gives it), else ""."""
+    is_own = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == this
+    return node.attr if is_own else ""
 
 
 # Calls that multiply by a weight when given one: F.linear, torch.matmul / Tensor.matmul, mm, bmm,
@@ -630,8 +642,8 @@ def _self_multiplied_weights(mod: nn.Module) -> list[str]:
     if parsed is None:
         return []
     tree, this = parsed
-    used = {sub.attr for node in ast.walk(tree) for operand in _matmul_operands(node) for sub in ast.walk(operand)
-            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == this}
+    used = {_module_attribute(sub, this) for node in ast.walk(tree) for operand in _matmul_operands(node)
+            for sub in ast.walk(operand)}
     return sorted(n for n in params if n in used)
 
 
@@ -791,7 +803,7 @@ def _single_attention(mod: nn.Module) -> bool:
     if parsed is None:
         return False
     tree, this = parsed
-    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    fn = _function_node(tree)
     paths = _attention_paths(fn.body, _helper_counts(mod, tree, this), this) if fn is not None else None
     return bool(paths) and paths <= {(0, 0, 0), (2, 1, 0), (0, 0, 1)} and paths != {(0, 0, 0)}
 
@@ -804,17 +816,14 @@ def _helper_counts(mod: nn.Module, tree: ast.AST, this: str) -> dict[str, tuple[
     counts of their one path, or :data:`_UNKNOWN` (several paths, or its source unreadable)."""
     counts: dict[str, tuple[int, int, int]] = {}
     for node in ast.walk(tree):
-        f = node.func if isinstance(node, ast.Call) else None
-        if not (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == this):
-            continue
-        method = getattr(type(mod), f.attr, None)
-        if f.attr in counts or f.attr == "forward" or not inspect.isfunction(method):
+        attr = _module_attribute(node.func, this) if isinstance(node, ast.Call) else ""
+        method = getattr(type(mod), attr, None) if attr else None
+        if not attr or attr in counts or attr == "forward" or not inspect.isfunction(method):
             continue
         parsed = _parsed_function(method)
-        body = next((n.body for n in ast.walk(parsed[0]) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
-                    None) if parsed is not None else None
-        paths = _attention_paths(body, {}, "") if body is not None else None
-        counts[f.attr] = next(iter(paths)) if paths is not None and len(paths) == 1 else _UNKNOWN
+        fn = _function_node(parsed[0]) if parsed is not None else None
+        paths = _attention_paths(fn.body, {}, "") if fn is not None else None
+        counts[attr] = next(iter(paths)) if paths is not None and len(paths) == 1 else _UNKNOWN
     return counts
 
 
@@ -829,10 +838,9 @@ def _attention_counts(node: ast.AST, helpers: dict | None = None, this: str = ""
     names = [name(n) for n in calls]
     total = (_products(node), names.count("softmax"), names.count("scaled_dot_product_attention"))
     for n in calls:
-        f = n.func
-        if helpers and isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == this \
-                and f.attr in helpers:
-            total = _add(total, helpers[f.attr])
+        attr = _module_attribute(n.func, this) if helpers else ""
+        if attr and attr in helpers:
+            total = _add(total, helpers[attr])
     return total
 
 
