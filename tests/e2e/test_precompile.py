@@ -2,6 +2,7 @@
 process (no Dynamo tracing, no AOTAutograd, no passes there), equal to the eager quantized model;
 files and calls it cannot serve warn and run the model without bwta."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,23 @@ def _inputs(cfg: EncoderConfig, b: int, t: int) -> tuple[torch.Tensor, torch.Ten
     mask = torch.ones(b, t)
     mask[0, t // 2:] = 0                 # padding in the first sequence
     return torch.randint(0, cfg.vocab_size, (b, t)), mask
+
+
+@contextlib.contextmanager
+def _kernel_lookups():
+    """The names of the generated kernels the calls inside look up; a fallback to running without
+    bwta (which warns) fails the test instead."""
+    from bwta_compiler import kernel_registry
+
+    looked_up: list[str] = []
+    get = kernel_registry.get
+    kernel_registry.get = lambda name: (looked_up.append(name), get(name))[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="bwta")
+            yield looked_up
+    finally:
+        kernel_registry.get = get
 
 
 # The fresh process: the model skeleton from the checkpoint, the compiled graph from the file.
@@ -142,7 +160,6 @@ def test_a_forward_torch_cannot_save_is_refused_with_the_reason(tmp_path):
 
 
 def test_a_decoder_saved_with_prefill_and_decode_steps_serves_other_lengths(tmp_path):
-    from bwta_compiler import kernel_registry
     from bwta_compiler.models import Decoder, DecoderConfig
 
     cfg = DecoderConfig.tiny()
@@ -155,47 +172,31 @@ def test_a_decoder_saved_with_prefill_and_decode_steps_serves_other_lengths(tmp_
     # A step's cache has other strides than the prefill's: one more graph for it.
     bc.save_compiled(q, (prompt,), tmp_path / "dec.bwta", more_calls=[((step, cache), {}), ((step, cache2), {})])
     fn = bc.load_compiled(q, tmp_path / "dec.bwta")
-    looked_up = []
-    get = kernel_registry.get
-    kernel_registry.get = lambda name: (looked_up.append(name), get(name))[1]
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("error", message="bwta")
-            ids = torch.randint(0, cfg.vocab_size, (2, 13))      # another prompt length
-            out, c = fn(ids)
-            ref, rc = q(ids)
+    with torch.no_grad(), _kernel_lookups() as looked_up:
+        ids = torch.randint(0, cfg.vocab_size, (2, 13))      # another prompt length
+        out, c = fn(ids)
+        ref, rc = q(ids)
+        assert torch.equal(out, ref)
+        for _ in range(3):
+            tok = torch.randint(0, cfg.vocab_size, (2, 1))
+            out, c = fn(tok, c)
+            ref, rc = q(tok, rc)
             assert torch.equal(out, ref)
-            for _ in range(3):
-                tok = torch.randint(0, cfg.vocab_size, (2, 1))
-                out, c = fn(tok, c)
-                ref, rc = q(tok, rc)
-                assert torch.equal(out, ref)
-                assert all(torch.equal(a, b) for pa, pb in zip(c, rc) for a, b in zip(pa, pb))
-    finally:
-        kernel_registry.get = get
+            assert all(torch.equal(a, b) for pa, pb in zip(c, rc) for a, b in zip(pa, pb))
     assert len(looked_up) >= 4 * 2 * 7      # 4 calls, each through 2 layers x 7 linear kernels at least
 
 
 def test_a_model_built_under_inference_mode_saves_and_runs_its_kernels(tmp_path):
     from model_zoo import SDPABlock
 
-    from bwta_compiler import kernel_registry
-
     with torch.inference_mode():      # its parameters are inference tensors
         q = bc.quantize(SDPABlock(64, 4).eval()).eval()
         q(torch.randn(2, 9, 64))
     bc.save_compiled(q, (torch.randn(2, 9, 64),), tmp_path / "m.bwta")
     fn = bc.load_compiled(q, tmp_path / "m.bwta")
-    looked_up = []
-    get = kernel_registry.get
-    kernel_registry.get = lambda name: (looked_up.append(name), get(name))[1]
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="bwta")
-            x = torch.randn(3, 5, 64)
-            out = fn(x)
-    finally:
-        kernel_registry.get = get
+    x = torch.randn(3, 5, 64)
+    with _kernel_lookups() as looked_up:
+        out = fn(x)
     with torch.no_grad():
         assert torch.equal(out, q(x))
     assert len(looked_up) == 4        # fused QKV, Q·Kᵀ, P·V, output projection: all through kernels
